@@ -1,0 +1,169 @@
+"""Dataset bundles: a folder with a JSON manifest, the arrays, and the teacher's weights.
+
+Layout (see sample_data/digits_vendor/):
+
+    manifest.json   name, class_names, input_shape, splits, teacher {architecture, weights},
+                    student {architecture}, training_defaults
+    data.npz        x_<split>, y_<split> (not for `unlabelled`), teacher_logits_<split>
+    teacher.pt      a state dict, loaded with weights_only=True
+
+Splits: ``train`` (labelled, the distillation data), optional ``unlabelled`` (transfer data:
+inputs and teacher outputs only) and ``test`` (held out).
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdcore.errors import DataError
+from kdcore.models import build_model
+
+SAMPLE_NAME = "digits_vendor"
+SPLITS = ("train", "unlabelled", "test")
+REQUIRED_KEYS = ("name", "class_names", "input_shape", "data", "teacher", "student")
+
+
+def sample_bundle_path() -> Path:
+    """The bundled sample, shipped in the repository's sample_data/ folder."""
+    return Path(__file__).resolve().parents[1] / "sample_data" / SAMPLE_NAME
+
+
+@dataclass
+class Bundle:
+    """A loaded dataset bundle. Arrays are read once, on first use."""
+
+    path: Path
+    manifest: dict = field(repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def class_names(self) -> list[str]:
+        return [str(c) for c in self.manifest["class_names"]]
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> list[int] | None:
+        return self.manifest.get("image_shape")
+
+    @property
+    def training_defaults(self) -> dict:
+        return dict(self.manifest.get("training_defaults", {}))
+
+    @property
+    def teacher_spec(self) -> dict:
+        return dict(self.manifest["teacher"]["architecture"])
+
+    @property
+    def student_spec(self) -> dict:
+        return dict(self.manifest["student"]["architecture"])
+
+    @cached_property
+    def arrays(self) -> dict[str, np.ndarray]:
+        file = self.path / self.manifest["data"]
+        try:
+            with np.load(file, allow_pickle=False) as data:
+                arrays = {key: data[key] for key in data.files}
+        except (OSError, ValueError, zipfile.BadZipFile) as exc:
+            raise DataError(f"{file}: cannot read the bundle's arrays ({exc}); rebuild it") from None
+        self._check(arrays, file)
+        return arrays
+
+    @property
+    def splits(self) -> list[str]:
+        return [s for s in SPLITS if f"x_{s}" in self.arrays]
+
+    def x(self, split: str) -> np.ndarray:
+        return self.arrays[f"x_{split}"]
+
+    def y(self, split: str) -> np.ndarray | None:
+        """Labels of a split; None for unlabelled transfer data."""
+        return self.arrays.get(f"y_{split}")
+
+    def teacher_logits(self, split: str) -> np.ndarray:
+        return self.arrays[f"teacher_logits_{split}"]
+
+    def analysis_labels(self) -> dict[str, np.ndarray]:
+        """True labels kept for analysis only (never used to train), if the bundle has them."""
+        name = self.manifest.get("analysis_only_labels")
+        if not name:
+            return {}
+        with np.load(self.path / name, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+
+    def load_teacher(self) -> torch.nn.Module:
+        """The teacher in eval mode, weights loaded without unpickling code."""
+        weights = self.path / self.manifest["teacher"]["weights"]
+        model = build_model(self.teacher_spec)
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+        except (OSError, RuntimeError, KeyError) as exc:
+            raise DataError(f"{weights}: cannot load teacher weights ({exc}); rebuild the bundle") from None
+        return model.eval()
+
+    def _check(self, arrays: dict[str, np.ndarray], file: Path) -> None:
+        for split in ("train", "test"):
+            for key in (f"x_{split}", f"y_{split}", f"teacher_logits_{split}"):
+                if key not in arrays:
+                    raise DataError(f"{file}: array {key!r} is missing; every bundle needs it")
+        for split in SPLITS:
+            if f"x_{split}" not in arrays:
+                continue
+            n = len(arrays[f"x_{split}"])
+            logits = arrays.get(f"teacher_logits_{split}")
+            if logits is None or logits.shape != (n, self.n_classes):
+                raise DataError(
+                    f"{file}: teacher_logits_{split} must have shape ({n}, {self.n_classes}); "
+                    "one row per sample, one column per class"
+                )
+            if not np.isfinite(logits).all():
+                row = int(np.flatnonzero(~np.isfinite(logits).all(1))[0])
+                raise DataError(f"{file}: teacher_logits_{split} row {row} is NaN or inf; fix the teacher outputs")
+            labels = arrays.get(f"y_{split}")
+            if labels is not None:
+                bad = np.flatnonzero((labels < 0) | (labels >= self.n_classes))
+                if len(labels) != n or len(bad):
+                    where = f"row {int(bad[0])}" if len(bad) else f"{len(labels)} labels for {n} rows"
+                    raise DataError(
+                        f"{file}: y_{split} {where} is not a class index in [0, {self.n_classes}); fix the labels"
+                    )
+
+
+def load_bundle(path: str | Path | None = None) -> Bundle:
+    """Load a bundle folder (or its manifest.json); None loads the bundled sample."""
+    path = Path(path) if path is not None else sample_bundle_path()
+    if path.name == "manifest.json":
+        path = path.parent
+    manifest_file = path / "manifest.json"
+    if not manifest_file.is_file():
+        raise DataError(f"{path}: no manifest.json; a bundle is a folder with manifest.json and its arrays")
+    try:
+        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{manifest_file}: not valid JSON ({exc}); fix or rebuild the manifest") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{manifest_file}: must be a JSON object; see sample_data/{SAMPLE_NAME}")
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise DataError(f"{manifest_file}: missing key {missing[0]!r}; see sample_data/{SAMPLE_NAME}/manifest.json")
+    if len(manifest["class_names"]) < 2:
+        raise DataError(f"{manifest_file}: class_names needs at least two classes")
+    return Bundle(path=path.resolve(), manifest=manifest)
+
+
+def is_bundle(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / "manifest.json").is_file() or path.name == "manifest.json"

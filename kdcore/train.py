@@ -1,0 +1,262 @@
+"""One training loop for teachers and students.
+
+    kdcore train [BUNDLE] --strategy kd+be+br+dl --seed 0          # one run, recorded in the store
+    python -m kdcore.train [BUNDLE] --strategy kd --seed 1 --json  # the same, as a module
+
+A step draws a batch of labelled rows and, when the bundle has transfer data, a batch of
+unlabelled rows; an epoch is one pass over the larger of the two, whatever the strategy, so
+every strategy takes the same number of optimiser steps. The teacher's logits are cached in
+the bundle (no augmentation), so the teacher never runs during training.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kdcore.bundles import Bundle, load_bundle
+from kdcore.errors import DataError, KDCoreError
+from kdcore.losses import UNLABELLED, Strategy, parse_strategy, strategy_loss
+from kdcore.models import build_model, count_parameters
+
+
+class Cancelled(KDCoreError):
+    """Raised inside the loop when a cancel was requested; the run is marked cancelled."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a run. Stored whole with the run; identical configs are reused."""
+
+    bundle: str = ""
+    strategy: str = "kd+be+br+dl"
+    normalisation: str = "batch"
+    seed: int = 0
+    epochs: int = 80
+    batch_size: int = 64
+    unlabelled_batch_size: int = 64
+    optimizer: str = "adam"
+    lr: float = 3e-3
+    lr_schedule: str = "cosine"
+    weight_decay: float = 0.0
+    temperature: float = 4.0
+    lam: float = 0.5
+    dkd_alpha: float = 1.0
+    dkd_beta: float = 8.0
+    dkd_warmup: int = 20
+    device: str = "cpu"
+
+    @classmethod
+    def for_bundle(cls, bundle: Bundle, **overrides) -> TrainConfig:
+        """The bundle's recommended defaults, then the caller's overrides (None = keep)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in bundle.training_defaults.items() if k in known}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        values["bundle"] = str(bundle.path)
+        config = cls(**values)
+        config.strategy = config.parsed().name if config.strategy != "btkd" else "btkd"
+        if config.strategy == "btkd":
+            config.normalisation = "subset"
+        return config
+
+    def parsed(self) -> Strategy:
+        return parse_strategy(self.strategy, normalisation=self.normalisation)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FitResult:
+    history: list[dict] = field(default_factory=list)
+    test_logits: np.ndarray | None = None
+    best_test_accuracy: float = float("nan")
+    best_epoch: int = -1
+    seconds: float = 0.0
+
+
+ProgressFn = Callable[[int, int, dict | None], None]  # (step, total_steps, epoch metrics or None)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda: no CUDA device is visible; use --device cpu or auto")
+    return torch.device(name)
+
+
+def _make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9,
+                               weight_decay=config.weight_decay)
+    raise DataError(f"optimizer {config.optimizer!r}: use adam or sgd")
+
+
+def fit(model: torch.nn.Module, config: TrainConfig, *, x_train: np.ndarray, y_train: np.ndarray,
+        teacher_train: np.ndarray | None = None, x_transfer: np.ndarray | None = None,
+        teacher_transfer: np.ndarray | None = None, x_test: np.ndarray | None = None,
+        y_test: np.ndarray | None = None, on_progress: ProgressFn | None = None,
+        should_cancel: Callable[[], bool] | None = None, progress_every: int = 10) -> FitResult:
+    """Train `model` in place with the config's strategy; evaluate on the test split each epoch."""
+    strategy = config.parsed()
+    if strategy.distills and teacher_train is None:
+        raise DataError(f"strategy {strategy.name} distils, but no teacher outputs were given")
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    model.to(device).train()
+
+    def tensor(a, dtype=torch.float32):
+        return None if a is None else torch.as_tensor(a, dtype=dtype, device=device)
+
+    xs, ys, ts = tensor(x_train), tensor(y_train, torch.long), tensor(teacher_train)
+    xu, tu = tensor(x_transfer), tensor(teacher_transfer)
+    xt, yt = tensor(x_test), tensor(y_test, torch.long)
+    n, nu = len(xs), 0 if xu is None else len(xu)
+    bs, bu = min(config.batch_size, n), config.unlabelled_batch_size
+    steps_per_epoch = max(math.ceil(n / bs), math.ceil(nu / bu) if nu else 0)
+    total = steps_per_epoch * config.epochs
+    opt = _make_optimizer(model, config)
+    sched = (torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+        if config.lr_schedule == "cosine" else None)
+
+    result, step, started = FitResult(), 0, time.perf_counter()
+    labelled_order, labelled_pos = torch.randperm(n, generator=gen), 0
+    for epoch in range(config.epochs):
+        transfer_order = torch.randperm(nu, generator=gen) if nu else None
+        sums: dict[str, float] = {}
+        for i in range(steps_per_epoch):
+            if should_cancel is not None and should_cancel():
+                raise Cancelled(f"cancelled at step {step} of {total}")
+            if labelled_pos + bs > n:
+                labelled_order, labelled_pos = torch.randperm(n, generator=gen), 0
+            idx = labelled_order[labelled_pos : labelled_pos + bs].to(device)
+            labelled_pos += bs
+            inputs, labels = xs[idx], ys[idx]
+            teacher = ts[idx] if ts is not None else None
+            if nu and strategy.distills:
+                uidx = transfer_order[(i * bu) % nu : (i * bu) % nu + bu].to(device)
+                inputs = torch.cat([inputs, xu[uidx]])
+                labels = torch.cat([labels, torch.full((len(uidx),), UNLABELLED, device=device)])
+                teacher = torch.cat([teacher, tu[uidx]])
+            logits = model(inputs)
+            parts = strategy_loss(
+                logits, teacher if teacher is not None else logits.detach(), labels,
+                strategy=strategy, epoch=epoch, epochs=config.epochs,
+                temperature=config.temperature, lam=config.lam, dkd_alpha=config.dkd_alpha,
+                dkd_beta=config.dkd_beta, dkd_warmup=config.dkd_warmup)
+            if not torch.isfinite(parts.total):
+                raise KDCoreError(f"loss became {float(parts.total)} at epoch {epoch}; lower --lr")
+            opt.zero_grad(set_to_none=True)
+            parts.total.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            step += 1
+            for key in ("ce", "right", "rect", "transfer"):
+                sums[key] = sums.get(key, 0.0) + getattr(parts, key)
+            sums["loss"] = sums.get("loss", 0.0) + float(parts.total)
+            sums["n_wrong"] = sums.get("n_wrong", 0.0) + parts.n_wrong
+            if on_progress is not None and step % progress_every == 0:
+                on_progress(step, total, None)
+        metrics = {k: v / steps_per_epoch for k, v in sums.items()}
+        metrics["b"] = parts.b
+        metrics["lr"] = opt.param_groups[0]["lr"]
+        if xt is not None:
+            test_logits = predict(model, xt)
+            acc = float((test_logits.argmax(1) == yt).float().mean())
+            metrics["test_accuracy"] = acc
+            if acc > result.best_test_accuracy or result.best_epoch < 0:
+                result.best_test_accuracy, result.best_epoch = acc, epoch
+            result.test_logits = test_logits.cpu().numpy()
+        metrics["epoch"] = epoch
+        result.history.append(metrics)
+        if on_progress is not None:
+            on_progress(step, total, metrics)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+    """Logits in eval mode, in chunks; the model is put back in train mode after."""
+    was_training = model.training
+    model.eval()
+    out = torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    model.train(was_training)
+    return out
+
+
+def bias_inheritance(student_pred: np.ndarray, teacher_pred: np.ndarray, labels: np.ndarray) -> float:
+    """Of the samples the teacher gets wrong, the share the student gets wrong the same way."""
+    teacher_wrong = teacher_pred != labels
+    if not teacher_wrong.any():
+        return float("nan")
+    return float((student_pred[teacher_wrong] == teacher_pred[teacher_wrong]).mean())
+
+
+def per_class_accuracy(pred: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict:
+    correct = np.bincount(labels[pred == labels], minlength=len(class_names))
+    support = np.bincount(labels, minlength=len(class_names))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        acc = correct / support
+    return {name: (None if support[i] == 0 else float(acc[i])) for i, name in enumerate(class_names)}
+
+
+def evaluate(test_logits: np.ndarray, bundle: Bundle) -> dict:
+    """Final metrics of a student against the bundle's test labels and teacher."""
+    labels = bundle.y("test")
+    pred = test_logits.argmax(1)
+    teacher_pred = bundle.teacher_logits("test").argmax(1)
+    return {
+        "test_accuracy": float((pred == labels).mean()),
+        "per_class_accuracy": per_class_accuracy(pred, labels, bundle.class_names),
+        "bias_inheritance": bias_inheritance(pred, teacher_pred, labels),
+        "teacher_test_accuracy": float((teacher_pred == labels).mean()),
+    }
+
+
+def train_student(config: TrainConfig, bundle: Bundle | None = None, *,
+                  on_progress: ProgressFn | None = None,
+                  should_cancel: Callable[[], bool] | None = None) -> tuple[torch.nn.Module, FitResult, dict]:
+    """Train the bundle's student with the config's strategy; return model, history and metrics."""
+    bundle = bundle or load_bundle(config.bundle)
+    model = build_model(bundle.student_spec)
+    has_transfer = "unlabelled" in bundle.splits
+    result = fit(
+        model, config, x_train=bundle.x("train"), y_train=bundle.y("train"),
+        teacher_train=bundle.teacher_logits("train"),
+        x_transfer=bundle.x("unlabelled") if has_transfer else None,
+        teacher_transfer=bundle.teacher_logits("unlabelled") if has_transfer else None,
+        x_test=bundle.x("test"), y_test=bundle.y("test"),
+        on_progress=on_progress, should_cancel=should_cancel)
+    metrics = evaluate(result.test_logits, bundle)
+    metrics.update(
+        best_test_accuracy=result.best_test_accuracy,
+        best_epoch=result.best_epoch,
+        student_params=count_parameters(model),
+        teacher_params=count_parameters(build_model(bundle.teacher_spec)),
+        train_seconds=round(result.seconds, 3),
+        world_size=1,
+    )
+    return model, result, metrics
+
+
+def save_artifacts(directory: Path, model: torch.nn.Module, result: FitResult, bundle: Bundle) -> None:
+    """Test predictions (npz, no pickle) and the student's state dict."""
+    directory.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(directory / "test_predictions.npz", logits=result.test_logits,
+                        labels=bundle.y("test"),
+                        teacher_logits=bundle.teacher_logits("test"))
+    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, directory / "student.pt")
