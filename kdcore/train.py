@@ -166,7 +166,7 @@ def fit(model: torch.nn.Module, config: TrainConfig, *, x_train: np.ndarray, y_t
             step += 1
             for key in ("ce", "right", "rect", "transfer"):
                 sums[key] = sums.get(key, 0.0) + getattr(parts, key)
-            sums["loss"] = sums.get("loss", 0.0) + float(parts.total)
+            sums["loss"] = sums.get("loss", 0.0) + parts.total.item()
             sums["n_wrong"] = sums.get("n_wrong", 0.0) + parts.n_wrong
             if on_progress is not None and step % progress_every == 0:
                 on_progress(step, total, None)

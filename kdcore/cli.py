@@ -1,0 +1,389 @@
+"""The ``kdcore`` command line: demo, analyze, train, compare, runs, dashboard.
+
+With ``--json`` a command prints one JSON document on stdout and nothing else. Errors are one
+line on stderr: exit status 2 for bad input, 1 for an internal failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+from kdcore import __version__
+from kdcore.errors import DataError, KDCoreError
+
+DEMO_SEEDS = 5
+
+
+def _json_default(obj):
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
+
+
+def _clean(obj):
+    """NaN/inf become null so the output is strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def emit_json(doc: dict) -> None:
+    print(json.dumps(_clean(doc), default=_json_default, allow_nan=False, indent=2))
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x * 100:.1f}%"
+
+
+def _progress(enabled: bool, total: int, desc: str, unit: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr,
+                dynamic_ncols=True, leave=False)
+
+
+# ----------------------------------------------------------------------------- analyze
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from kdcore.analysis import analyze, load_predictions
+
+    doc = analyze(load_predictions(args.path), split=args.split, top=args.top)
+    if args.json:
+        emit_json(doc)
+        return 0
+    print(f"{doc['source']}: {doc['n_samples']} samples, {doc['n_classes']} classes"
+          + (f", split {args.split}" if args.split else ""))
+    for name, part in doc.get("splits", {}).items():
+        if part.get("labelled") is False:
+            print(f"  {name:<11} {part['n_samples']:>7} samples, unlabelled ({part['meaning']})")
+        else:
+            print(f"  {name:<11} {part['n_samples']:>7} samples, teacher accuracy "
+                  f"{_pct(part['teacher_accuracy'])} ({part['meaning']})")
+    if "teacher_accuracy" not in doc:
+        return 0
+    print(f"\nTeacher accuracy {_pct(doc['teacher_accuracy'])}, bias rate {_pct(doc['bias_rate'])}"
+          f" on {'all labelled rows' if not args.split else args.split}\n")
+    per_class = pd.DataFrame(doc["per_class"])[
+        ["class", "support", "teacher_accuracy", "bias_rate", "most_confused_with"]]
+    print(per_class.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if doc["top_confusions"]:
+        print("\nTop confusions (true -> teacher's prediction):")
+        print(pd.DataFrame(doc["top_confusions"]).to_string(
+            index=False, float_format=lambda v: f"{v:.3f}"))
+    return 0
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def _train_overrides(args: argparse.Namespace) -> dict:
+    return {
+        "epochs": args.epochs, "lr": args.lr, "temperature": args.temperature,
+        "lam": args.lam, "normalisation": args.normalisation, "batch_size": args.batch_size,
+        "device": args.device,
+    }
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from kdcore.bundles import load_bundle
+    from kdcore.jobs import execute_run
+    from kdcore.runs import RunStore
+    from kdcore.train import Cancelled, TrainConfig
+
+    bundle = load_bundle(args.bundle)
+    config = TrainConfig.for_bundle(bundle, strategy=args.strategy, seed=args.seed,
+                                    **_train_overrides(args))
+    store = RunStore(args.workspace)
+    run_id = store.create(config.to_dict())
+    bar = _progress(not args.quiet, 0, f"{config.strategy} seed {config.seed}", "step")
+
+    def on_step(step: int, total: int) -> None:
+        bar.total = total
+        bar.update(step - bar.n)
+
+    try:
+        metrics = execute_run(run_id, workspace=store.workspace, threads=args.threads,
+                              on_step=on_step)
+    except Cancelled:
+        bar.close()
+        print(f"run {run_id} cancelled", file=sys.stderr)
+        return 1
+    bar.close()
+    doc = {"run_id": run_id, "strategy": config.strategy, "seed": config.seed, **metrics}
+    if args.json:
+        emit_json(doc)
+    else:
+        print(f"run {run_id}: {config.strategy}, seed {config.seed}: test accuracy "
+              f"{_pct(metrics['test_accuracy'])} (best epoch {_pct(metrics['best_test_accuracy'])}), "
+              f"teacher {_pct(metrics['teacher_test_accuracy'])}, copies "
+              f"{_pct(metrics['bias_inheritance'])} of the teacher's test errors")
+    return 0
+
+
+# ----------------------------------------------------------------------------- compare / demo
+
+
+def _run_compare(args: argparse.Namespace, strategies: list[str], seeds: int,
+                 overrides: dict) -> dict:
+    from kdcore.bundles import load_bundle
+    from kdcore.compare import compare
+    from kdcore.runs import RunStore
+
+    bundle = load_bundle(args.bundle)
+    store = RunStore(args.workspace)
+    bar = _progress(not args.quiet, len(strategies) * seeds, "training students", "run")
+    reused = []
+
+    def on_done(run, was_reused: bool) -> None:
+        reused.append(was_reused)
+        bar.set_postfix_str(f"{run.strategy} seed {run.seed}")
+        bar.update(1)
+
+    summary = compare(bundle, store, strategies, range(seeds), workers=args.workers,
+                      on_done=on_done, **overrides)
+    bar.close()
+    summary["bundle"] = bundle.name
+    summary["reused_runs"] = sum(reused)
+    return summary
+
+
+def _print_summary(summary: dict) -> None:
+    rows = []
+    for name, e in summary["strategies"].items():
+        delta = e["delta_vs_kd"]
+        ci = delta["ci95"] if delta else None
+        rows.append({
+            "strategy": name,
+            "test acc (mean ± std)": f"{e['mean'] * 100:.2f} ± {e['std'] * 100:.2f}",
+            "vs kd (paired, 95% CI)": "" if not delta or name == "kd" else (
+                f"{delta['mean'] * 100:+.2f}" + (f" [{ci[0] * 100:+.2f}, {ci[1] * 100:+.2f}]"
+                                                 if ci else "")),
+            "copies teacher errors": _pct(e["bias_inheritance"]),
+            "best-epoch acc": f"{e['best_epoch_mean'] * 100:.2f}",
+            "seeds": len(e["seeds"]),
+        })
+    print(f"Teacher test accuracy: {_pct(summary['teacher_test_accuracy'])}")
+    print(pd.DataFrame(rows).to_string(index=False))
+    print("(test acc is the last epoch; best-epoch acc picks the epoch on the test set, "
+          "so it is optimistic)")
+    print(f"\nVerdict: {summary['verdict']}")
+
+
+def _strategies(text: str) -> list[str]:
+    from kdcore.losses import parse_strategy
+
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise DataError("--strategies is empty; give a comma-separated list such as ce,kd,kd+be+br+dl")
+    for name in names:
+        parse_strategy(name)
+    return names
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    summary = _run_compare(args, _strategies(args.strategies), args.seeds, _train_overrides(args))
+    if args.json:
+        emit_json(summary)
+    else:
+        _print_summary(summary)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from kdcore.analysis import analyze, load_predictions
+    from kdcore.compare import DEFAULT_STRATEGIES
+
+    args.bundle = None
+    doc = analyze(load_predictions(None))
+    train = doc["splits"]["train"]
+    test = doc["splits"]["test"]
+    top = train["top_confusions"][:3] or test["top_confusions"][:3]
+    print(f"Bundled sample {doc['source']}: the teacher is right on {_pct(test['teacher_accuracy'])}"
+          f" of held-out test images and {_pct(train['teacher_accuracy'])} of the labelled "
+          "distillation images.")
+    if top:
+        print("Its most frequent mistakes: " + ", ".join(
+            f"{c['true']} read as {c['predicted']} ({c['count']}x)" for c in test["top_confusions"][:3]))
+    print(f"\nTraining {len(DEFAULT_STRATEGIES)} strategies x {args.seeds} seeds "
+          "(finished identical runs are reused)...", flush=True)
+    summary = _run_compare(args, list(DEFAULT_STRATEGIES), args.seeds, {})
+    _print_summary(summary)
+    print("\nExplore it: kdcore dashboard   (or: make dashboard)")
+    return 0
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from kdcore.jobs import cancel_job
+    from kdcore.runs import RunStore, to_frame
+
+    store = RunStore(args.workspace)
+    action = args.action or "list"
+    if action == "list":
+        runs = store.list()
+        if args.json:
+            emit_json({"runs": to_frame(runs).to_dict(orient="records")})
+        elif not runs:
+            print(f"no runs in {store.workspace}; try `kdcore demo`")
+        else:
+            print(to_frame(runs).to_string(index=False))
+        return 0
+    if not args.run_id:
+        raise DataError(f"`kdcore runs {action}` needs a run id; `kdcore runs` lists them")
+    if action == "show":
+        run = store.get(args.run_id)
+        doc = {"id": run.id, "status": run.status, "strategy": run.strategy, "seed": run.seed,
+               "created_at": run.created_at, "started_at": run.started_at,
+               "finished_at": run.finished_at, "error": run.error, "config": run.config,
+               "metrics": run.metrics, "epochs": store.epochs(run.id).to_dict(orient="records")}
+        if args.json:
+            emit_json(doc)
+        else:
+            for key in ("id", "status", "strategy", "seed", "created_at", "finished_at", "error"):
+                print(f"{key:>12}: {doc[key]}")
+            for key in ("test_accuracy", "best_test_accuracy", "bias_inheritance",
+                        "teacher_test_accuracy"):
+                if run.metrics and key in run.metrics:
+                    print(f"{key:>12}: {_pct(run.metrics[key])}" if len(key) <= 12
+                          else f"{key}: {_pct(run.metrics[key])}")
+            print("      config: " + json.dumps(run.config))
+        return 0
+    if action == "rm":
+        removed = store.delete(args.run_id)
+        print(f"removed run {removed}")
+        return 0
+    if action == "cancel":
+        print(f"cancel requested for run {cancel_job(args.run_id, workspace=store.workspace)}")
+        return 0
+    raise DataError(f"unknown action {action!r}; use list, show, rm or cancel")
+
+
+# ----------------------------------------------------------------------------- dashboard
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    app = Path(__file__).resolve().parents[1] / "dashboard" / "app.py"
+    if not app.is_file():
+        raise DataError(f"{app} not found; run from a checkout of the repository")
+    env = dict(os.environ)
+    if args.workspace:
+        env["KDCORE_HOME"] = str(Path(args.workspace).resolve())
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.host,
+           "--server.port", str(args.port), "--server.headless", "true",
+           "--browser.gatherUsageStats", "false"]
+    print(f"kdcore dashboard: http://{args.host}:{args.port}", file=sys.stderr)
+    return subprocess.call(cmd, env=env)
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def _add_training_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training options (default: the bundle's recommended values)")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--lam", type=float, help="weight of the label loss (CE), 0..1")
+    g.add_argument("--normalisation", choices=["batch", "subset"],
+                   help="batch (default) or subset (the paper's); see README")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kdcore", description="Where is the teacher wrong, and does bias-aware distillation pay?")
+    parser.add_argument("--version", action="version", version=f"kdcore {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, fn: Callable, help_text: str, *, workspace=True, quiet=False):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(fn=fn)
+        if workspace:
+            p.add_argument("--workspace", help="run store folder (default $KDCORE_HOME or ./.kdcore)")
+        if quiet:
+            p.add_argument("--quiet", action="store_true", help="no progress bar")
+        return p
+
+    p = command("demo", cmd_demo, "the headline on the bundled sample in one command", quiet=True)
+    p.add_argument("--seeds", type=int, default=DEMO_SEEDS)
+    p.add_argument("--workers", type=int, default=2, help="parallel training processes")
+
+    p = command("analyze", cmd_analyze, "teacher-bias analysis of a bundle or prediction table",
+                workspace=False)
+    p.add_argument("path", nargs="?", help="bundle folder or CSV/Parquet table (default: the sample)")
+    p.add_argument("--split", choices=["train", "unlabelled", "test"])
+    p.add_argument("--top", type=int, default=10, help="how many top confusions")
+    p.add_argument("--json", action="store_true")
+
+    p = command("train", cmd_train, "train one student and record the run", quiet=True)
+    p.add_argument("bundle", nargs="?", help="bundle folder (default: the sample)")
+    p.add_argument("--strategy", default="kd+be+br+dl",
+                   help="ce, kd, dkd, each with +be +br +dl; or btkd (the paper's exact recipe)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", action="store_true")
+    _add_training_options(p)
+
+    p = command("compare", cmd_compare, "compare strategies over seeds, paired against kd",
+                quiet=True)
+    p.add_argument("bundle", nargs="?", help="bundle folder (default: the sample)")
+    p.add_argument("--strategies", default="ce,kd,kd+be,kd+be+br,kd+be+br+dl")
+    p.add_argument("--seeds", type=int, default=5, help="number of seeds (0..N-1)")
+    p.add_argument("--workers", type=int, default=2, help="parallel training processes")
+    p.add_argument("--json", action="store_true")
+    _add_training_options(p)
+
+    p = command("runs", cmd_runs, "list, show, remove or cancel runs")
+    p.add_argument("action", nargs="?", choices=["list", "show", "rm", "cancel"])
+    p.add_argument("run_id", nargs="?")
+    p.add_argument("--json", action="store_true")
+
+    p = command("dashboard", cmd_dashboard, "start the Streamlit dashboard")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8501)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "seeds", 1) is not None and getattr(args, "seeds", 1) < 1:
+        print("error: --seeds must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        return args.fn(args)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KDCoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line, never a traceback, unless asked for
+        if os.environ.get("KDCORE_DEBUG"):
+            raise
+        print(f"error: internal failure: {type(exc).__name__}: {exc} "
+              "(set KDCORE_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

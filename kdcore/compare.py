@@ -1,0 +1,158 @@
+"""Compare strategies over seeds, honestly: means, spreads, paired differences with intervals.
+
+Runs already finished with an identical config are reused from the store; the rest are
+queued and trained in parallel worker processes (one thread each).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from kdcore.bundles import Bundle
+from kdcore.errors import KDCoreError
+from kdcore.jobs import execute_run
+from kdcore.losses import parse_strategy
+from kdcore.runs import Run, RunStore
+from kdcore.train import TrainConfig
+
+DEFAULT_STRATEGIES = ("ce", "kd", "kd+be", "kd+be+br", "kd+be+br+dl")
+BASELINE = "kd"
+
+
+def plan(bundle: Bundle, strategies: Sequence[str], seeds: Sequence[int],
+         **overrides) -> list[TrainConfig]:
+    """One config per (strategy, seed), from the bundle's defaults and the overrides."""
+    return [TrainConfig.for_bundle(bundle, strategy=s, seed=seed, **overrides)
+            for s in strategies for seed in seeds]
+
+
+def run_all(store: RunStore, configs: Sequence[TrainConfig], *, workers: int = 2,
+            on_done: Callable[[Run, bool], None] | None = None) -> list[Run]:
+    """Reuse finished identical runs, train the rest; return one finished run per config.
+
+    ``on_done(run, reused)`` is called as each run becomes available. A failed run raises.
+    """
+    runs: dict[int, Run] = {}
+    todo: dict[int, str] = {}
+    for i, config in enumerate(configs):
+        done = store.find_done(config.to_dict())
+        if done is not None:
+            runs[i] = done
+            if on_done:
+                on_done(done, True)
+        else:
+            todo[i] = store.create(config.to_dict())
+    if todo:
+        with ProcessPoolExecutor(max_workers=max(1, min(workers, len(todo))),
+                                 mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(execute_run, run_id, workspace=store.workspace): i
+                       for i, run_id in todo.items()}
+            for future in as_completed(futures):
+                i = futures[future]
+                try:
+                    future.result()
+                except KDCoreError as exc:
+                    raise KDCoreError(f"run {todo[i]} ({configs[i].strategy}, seed "
+                                      f"{configs[i].seed}) failed: {exc}") from None
+                runs[i] = store.get(todo[i])
+                if on_done:
+                    on_done(runs[i], False)
+    return [runs[i] for i in range(len(configs))]
+
+
+def paired_difference(values: np.ndarray, baseline: np.ndarray) -> dict:
+    """Mean of per-seed differences and its 95% t-interval (NaN-free: None when n < 2)."""
+    diffs = np.asarray(values, float) - np.asarray(baseline, float)
+    mean = float(diffs.mean())
+    if len(diffs) < 2:
+        return {"mean": mean, "ci95": None}
+    half = float(stats.t.ppf(0.975, len(diffs) - 1) * diffs.std(ddof=1) / math.sqrt(len(diffs)))
+    return {"mean": mean, "ci95": [mean - half, mean + half]}
+
+
+def summarise(runs: Sequence[Run]) -> dict:
+    """The comparison document (the JSON of ``kdcore compare``) from finished runs."""
+    by_strategy: dict[str, dict[int, Run]] = {}
+    for run in runs:
+        by_strategy.setdefault(run.strategy, {})[run.seed] = run
+    teacher = next(iter(runs)).metrics["teacher_test_accuracy"] if runs else None
+    out: dict = {"teacher_test_accuracy": teacher, "strategies": {}}
+    baseline = by_strategy.get(BASELINE)
+    for name, seeded in by_strategy.items():
+        seeds = sorted(seeded)
+        acc = np.array([seeded[s].metrics["test_accuracy"] for s in seeds])
+        best = np.array([seeded[s].metrics["best_test_accuracy"] for s in seeds])
+        inherit = [seeded[s].metrics["bias_inheritance"] for s in seeds]
+        entry = {
+            "mean": float(acc.mean()),
+            "std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+            "seeds": seeds,
+            "per_seed": [float(a) for a in acc],
+            "best_epoch_mean": float(best.mean()),
+            "bias_inheritance": _nanmean(inherit),
+            "student_params": seeded[seeds[0]].metrics.get("student_params"),
+            "run_ids": [seeded[s].id for s in seeds],
+            "delta_vs_kd": None,
+        }
+        if baseline is not None:
+            common = [s for s in seeds if s in baseline]
+            if common:
+                entry["delta_vs_kd"] = paired_difference(
+                    [seeded[s].metrics["test_accuracy"] for s in common],
+                    [baseline[s].metrics["test_accuracy"] for s in common])
+        out["strategies"][name] = entry
+    out["verdict"] = verdict(out)
+    return out
+
+
+def _nanmean(values: Sequence[float | None]) -> float | None:
+    clean = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(clean)) if clean else None
+
+
+def _pts(x: float) -> str:
+    return f"{x * 100:+.1f}"
+
+
+def verdict(summary: dict) -> str:
+    """One sentence, computed from the numbers: does bias-aware distillation pay here?"""
+    strategies = summary["strategies"]
+    aware = {n: e for n, e in strategies.items()
+             if (n == "btkd" or parse_strategy(n).bias_aware) and e["delta_vs_kd"]}
+    if BASELINE not in strategies or not aware:
+        return "Add kd and at least one bias-aware strategy (e.g. kd+be+br+dl) to get a verdict."
+    name, best = max(aware.items(), key=lambda item: item[1]["mean"])
+    delta, n = best["delta_vs_kd"], len(best["seeds"])
+    ci = delta["ci95"]
+    interval = f" (95% interval {_pts(ci[0])} to {_pts(ci[1])} points over {n} seeds)" if ci else ""
+    if ci and ci[0] > 0:
+        head = f"{name} beats vanilla KD by {_pts(delta['mean'])} points{interval}"
+    elif ci and ci[1] < 0:
+        head = f"Bias-aware distillation does not pay here: its best, {name}, loses to vanilla KD by {_pts(delta['mean'])} points{interval}"
+    else:
+        head = f"No clear difference: the best bias-aware strategy, {name}, is {_pts(delta['mean'])} points against vanilla KD{interval}, an interval that includes 0"
+    kd_inherit, inherit = strategies[BASELINE]["bias_inheritance"], best["bias_inheritance"]
+    tail = ""
+    if kd_inherit is not None and inherit is not None:
+        tail = (f"; it copies {inherit:.0%} of the teacher's test errors against KD's "
+                f"{kd_inherit:.0%}")
+    teacher = summary.get("teacher_test_accuracy")
+    if teacher is not None:
+        side = "above" if best["mean"] > teacher else "below"
+        tail += f", and ends {abs(best['mean'] - teacher) * 100:.1f} points {side} the teacher"
+    return head + tail + "."
+
+
+def compare(bundle: Bundle, store: RunStore, strategies: Sequence[str], seeds: Sequence[int], *,
+            workers: int = 2, on_done: Callable[[Run, bool], None] | None = None,
+            **overrides) -> dict:
+    """Plan, run what is missing, and summarise."""
+    configs = plan(bundle, strategies, seeds, **overrides)
+    return summarise(run_all(store, configs, workers=workers, on_done=on_done))

@@ -1,0 +1,115 @@
+"""Start, run and cancel training jobs. Each job is its own process that writes to the store.
+
+The app and the CLI call ``start_job`` (a detached ``python -m kdcore.jobs RUN_ID`` process,
+which outlives the browser tab and the app) or ``execute_run`` in the current process; either
+way progress, per-epoch metrics and the final result go to the run store, so any reader sees
+them. ``cancel_job`` asks the process to stop; it checks between batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from kdcore.bundles import load_bundle
+from kdcore.errors import DataError, KDCoreError
+from kdcore.runs import RunStore
+from kdcore.train import Cancelled, TrainConfig, save_artifacts, train_student
+
+LOG_FILE = "job.log"
+
+
+def execute_run(run_id: str, *, workspace: str | Path | None = None, threads: int = 1,
+                on_step: Callable[[int, int], None] | None = None) -> dict:
+    """Train a queued run in this process and record everything; returns its final metrics.
+
+    One thread per run: the bundled models are small, and several runs in parallel processes
+    use the cores better than one run on many threads.
+    """
+    torch.set_num_threads(threads)
+    store = RunStore(workspace)
+    run = store.get(run_id)
+    config = TrainConfig(**run.config)
+    store.start(run.id)
+
+    def on_progress(step: int, total: int, metrics: dict | None) -> None:
+        if metrics is None:
+            store.progress(run.id, step=step, total_steps=total)
+        else:
+            store.log_epoch(run.id, metrics["epoch"], metrics)
+            store.progress(run.id, step=step, total_steps=total,
+                           message=f"epoch {metrics['epoch'] + 1}/{config.epochs}")
+        if on_step is not None:
+            on_step(step, total)
+
+    try:
+        bundle = load_bundle(config.bundle)
+        model, result, metrics = train_student(
+            config, bundle, on_progress=on_progress,
+            should_cancel=lambda: store.cancel_requested(run.id))
+        save_artifacts(store.artifact_dir(run.id), model, result, bundle)
+        metrics["strategy"], metrics["seed"] = config.strategy, config.seed
+        store.finish(run.id, metrics)
+        return metrics
+    except Cancelled:
+        store.mark_cancelled(run.id)
+        raise
+    except KDCoreError as exc:
+        store.fail(run.id, str(exc))
+        raise
+    except Exception as exc:  # recorded, then re-raised for the caller to report
+        store.fail(run.id, f"internal error: {type(exc).__name__}: {exc}")
+        raise
+
+
+def start_job(config: TrainConfig, *, workspace: str | Path | None = None) -> str:
+    """Queue a run and train it in a detached process; returns the run id at once."""
+    store = RunStore(workspace)
+    run_id = store.create(config.to_dict())
+    log = (store.artifact_dir(run_id) / LOG_FILE).open("ab")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    subprocess.Popen(
+        [sys.executable, "-m", "kdcore.jobs", run_id, "--workspace", str(store.workspace)],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True, env=env,
+    )
+    log.close()
+    return run_id
+
+
+def cancel_job(run_id: str, *, workspace: str | Path | None = None) -> str:
+    """Ask a queued or running job to stop; a queued run that never started is cancelled now."""
+    store = RunStore(workspace)
+    run_id = store.request_cancel(run_id)
+    if store.get(run_id).status == "queued":
+        store.mark_cancelled(run_id)
+    return run_id
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kdcore.jobs",
+                                     description="Train one queued run (used by start_job).")
+    parser.add_argument("run_id")
+    parser.add_argument("--workspace")
+    args = parser.parse_args(argv)
+    try:
+        execute_run(args.run_id, workspace=args.workspace)
+    except Cancelled:
+        return 0
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KDCoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
