@@ -59,6 +59,8 @@ _UTF8_BOM = b"\xef\xbb\xbf"
 _INT_RE = re.compile(r"[+-]?\d+")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]+")
 _BINARY_MAGIC = {
+    b"\xff\xfe": "UTF-16 text; save it as UTF-8 CSV",
+    b"\xfe\xff": "UTF-16 text; save it as UTF-8 CSV",
     b"PK\x03\x04": "a ZIP archive or an Excel .xlsx workbook; save it as CSV UTF-8 or Parquet",
     b"\xd0\xcf\x11\xe0": "an old Excel .xls workbook; save it as CSV UTF-8 or Parquet",
     b"\x1f\x8b": "gzip-compressed; decompress it first",
@@ -418,6 +420,7 @@ def _parquet_frame(
             raise _no_rows(display)
         try:
             table = pf.read(columns=list(layout.columns))
+            table.validate(full=True)  # e.g. text that is not UTF-8 in a damaged file
             df = table.to_pandas()
         except Exception as exc:
             raise _unreadable_parquet(display, exc) from None
@@ -702,7 +705,8 @@ def _unknown_fix(col: object) -> str:
             return f"rename it to {low!r}."
         for prefix in (LOGIT_PREFIX, PROB_PREFIX):
             if low.startswith(prefix):
-                return f"rename it to {prefix}{col.strip()[len(prefix) :]!r} (lower-case prefix)."
+                target = prefix + col.strip()[len(prefix) :]
+                return f"rename it to {target!r} (lower-case prefix, no surrounding spaces)."
     return f"remove or rename it; {_ALLOWED_TEXT}."
 
 
@@ -737,6 +741,7 @@ def _iter_chunks(
         while True:
             try:
                 batch = next(batches)
+                batch.validate(full=True)
                 df = batch.to_pandas()
             except StopIteration:
                 return
@@ -1100,13 +1105,14 @@ def _parse_sample_id(ser: pd.Series, ctx: _Context) -> np.ndarray:
         )
     try:
         keys = ser
-        dup = _mask(keys.duplicated(keep="first"))
+        codes, _ = pd.factorize(keys, use_na_sentinel=True)
     except TypeError:  # unhashable values (lists...): compare their text
         keys = _as_text(ser, strip=False)
-        dup = _mask(keys.duplicated(keep="first"))
+        codes, _ = pd.factorize(keys, use_na_sentinel=True)
+    dup = pd.Series(codes).duplicated(keep="first").to_numpy(dtype=bool)
     if dup.any():
         i = _first(dup)
-        earlier = _first(_mask(keys == keys.iloc[i], na=False))
+        earlier = _first(codes == codes[i])
         raise _err(
             ctx.source,
             f"sample_id {_show(str(ser.iloc[i]))} repeats data row {ctx.row(earlier)}",
@@ -1117,7 +1123,11 @@ def _parse_sample_id(ser: pd.Series, ctx: _Context) -> np.ndarray:
     state = ctx.state
     if state is not None:
         # Across chunks: compare 64-bit hashes of the ids seen so far (8 bytes per row).
-        hashes = pd.util.hash_pandas_object(keys, index=False).to_numpy(dtype=np.uint64)
+        try:
+            hashes = pd.util.hash_pandas_object(keys, index=False).to_numpy(dtype=np.uint64)
+        except TypeError:
+            hashes = pd.util.hash_pandas_object(_as_text(keys, strip=False), index=False)
+            hashes = hashes.to_numpy(dtype=np.uint64)
         if len(state.seen_ids):
             pos = np.searchsorted(state.seen_ids, hashes).clip(0, len(state.seen_ids) - 1)
             again = state.seen_ids[pos] == hashes

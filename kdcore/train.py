@@ -139,7 +139,7 @@ def fit(model: torch.nn.Module, config: TrainConfig, *, x_train: np.ndarray, y_t
         for i in range(steps_per_epoch):
             if should_cancel is not None and should_cancel():
                 raise Cancelled(f"cancelled at step {step} of {total}")
-            if labelled_pos + bs > n:
+            if labelled_pos >= n:  # a new pass over the labelled rows; the last batch may be short
                 labelled_order, labelled_pos = torch.randperm(n, generator=gen), 0
             idx = labelled_order[labelled_pos : labelled_pos + bs].to(device)
             labelled_pos += bs
@@ -175,7 +175,7 @@ def fit(model: torch.nn.Module, config: TrainConfig, *, x_train: np.ndarray, y_t
         metrics["lr"] = opt.param_groups[0]["lr"]
         if xt is not None:
             test_logits = predict(model, xt)
-            acc = float((test_logits.argmax(1) == yt).float().mean())
+            acc = int((test_logits.argmax(1) == yt).sum()) / len(yt)
             metrics["test_accuracy"] = acc
             if acc > result.best_test_accuracy or result.best_epoch < 0:
                 result.best_test_accuracy, result.best_epoch = acc, epoch
@@ -232,6 +232,7 @@ def train_student(config: TrainConfig, bundle: Bundle | None = None, *,
                   should_cancel: Callable[[], bool] | None = None) -> tuple[torch.nn.Module, FitResult, dict]:
     """Train the bundle's student with the config's strategy; return model, history and metrics."""
     bundle = bundle or load_bundle(config.bundle)
+    torch.manual_seed(config.seed)  # the initial weights are part of the seed's run
     model = build_model(bundle.student_spec)
     has_transfer = "unlabelled" in bundle.splits
     result = fit(

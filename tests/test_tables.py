@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from kdcore.errors import DataError
@@ -217,6 +217,8 @@ def test_not_utf8():
     msg = error(text, name="latin.csv")
     assert "is not UTF-8 text" in msg and "0xe9" in msg and "line 2" in msg
     assert "UTF-8 CSV" in msg
+    msg = error("label,logit_a,logit_b\n0,1,2\n".encode("utf-16"), name="u16.csv")
+    assert "UTF-16 text; save it as UTF-8 CSV" in msg
 
 
 def test_short_row():
@@ -271,6 +273,8 @@ def test_unknown_column():
     msg = error(csv(",label,logit_a,logit_b\n0,0,1,2\n"))
     assert "column ''" in msg and "index=False" in msg
     assert "rename it to 'split'" in error(csv("label,logit_a,logit_b,Split\n0,1,2,train\n"))
+    msg = error(csv("label,logit_a, logit_b\n0,1,2\n"))
+    assert "column ' logit_b': unknown column" in msg and "rename it to 'logit_b'" in msg
 
 
 def test_unknown_column_in_parquet_index():
@@ -418,45 +422,72 @@ CELL_TEXT = st.sampled_from(
 ) | st.text(max_size=6)
 
 
+LAYOUTS = st.sampled_from(
+    [
+        ["label", "logit_a", "logit_b"],
+        ["label", "prob_a", "prob_b", "split"],
+        ["sample_id", "label", "logit_a", "logit_b", "logit_c", "split"],
+        ["label", "prob_a", "prob_b", "prob_c", "sample_id"],
+    ]
+)
+PLAUSIBLE = {
+    "label": st.sampled_from(["a", "b", "c", "0", "1", "2", "", "3", "A"]),
+    "split": st.sampled_from(["train", "unlabelled", "test", "", "val"]),
+    "sample_id": st.sampled_from(["s1", "s2", "s3", "s4", ""]),
+}
+
+
+def column_values(draw, name: str, n: int) -> pd.Series:
+    """Values for one column: usually what the column should hold, sometimes anything."""
+    kind = draw(st.sampled_from(["plausible", "plausible", "float", "int", "text", "bool"]))
+    if kind == "plausible" and name in PLAUSIBLE:
+        return pd.Series(draw(st.lists(PLAUSIBLE[name], min_size=n, max_size=n)), dtype=object)
+    if kind == "plausible" and name.startswith("prob_"):
+        probs = st.sampled_from([0.0, 0.25, 0.5, 1.0, 1 / 3])
+        return pd.Series(draw(st.lists(probs, min_size=n, max_size=n)), dtype="float64")
+    if kind in ("plausible", "float"):
+        floats = st.floats(allow_nan=True, allow_infinity=True, width=64)
+        return pd.Series(draw(st.lists(floats, min_size=n, max_size=n)), dtype="float64")
+    if kind == "int":
+        ints = st.integers(-3, 5)
+        return pd.Series(draw(st.lists(ints, min_size=n, max_size=n)), dtype="int64")
+    if kind == "bool":
+        return pd.Series(draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+    cells = st.none() | CELL_TEXT
+    return pd.Series(draw(st.lists(cells, min_size=n, max_size=n)), dtype=object)
+
+
 @st.composite
 def malformed_frames(draw) -> pd.DataFrame:
-    names = draw(st.lists(COLUMN_NAMES, min_size=0, max_size=6))
+    if draw(st.booleans()):
+        names = list(draw(LAYOUTS))
+        if draw(st.booleans()):  # break the layout a little
+            at = draw(st.integers(0, len(names)))
+            names.insert(at, draw(COLUMN_NAMES))
+        if draw(st.booleans()):
+            names.pop(draw(st.integers(0, len(names) - 1)))
+    else:
+        names = draw(st.lists(COLUMN_NAMES, min_size=0, max_size=6))
     n = draw(st.integers(0, 6))
-    columns = []
-    for _ in names:
-        kind = draw(st.sampled_from(["float", "int", "text", "bool"]))
-        if kind == "float":
-            values = draw(
-                st.lists(
-                    st.floats(allow_nan=True, allow_infinity=True, width=64), min_size=n, max_size=n
-                )
-            )
-            columns.append(pd.Series(values, dtype="float64"))
-        elif kind == "int":
-            values = draw(st.lists(st.integers(-3, 5), min_size=n, max_size=n))
-            columns.append(pd.Series(values, dtype="int64"))
-        elif kind == "bool":
-            columns.append(pd.Series(draw(st.lists(st.booleans(), min_size=n, max_size=n))))
-        else:
-            values = draw(st.lists(st.none() | CELL_TEXT, min_size=n, max_size=n))
-            columns.append(pd.Series(values, dtype=object))
     if not names:
         return pd.DataFrame(index=range(n))
-    df = pd.concat(columns, axis=1, ignore_index=True)
+    df = pd.concat([column_values(draw, str(c), n) for c in names], axis=1, ignore_index=True)
     df.columns = names
     return df
 
 
-def only_data_errors(call) -> None:
+def only_data_errors(call) -> PredictionTable | None:
     try:
         table = call()
     except DataError as exc:
         assert "\n" not in str(exc) and "Fix: " in str(exc)
+        return None
     else:
         assert isinstance(table, PredictionTable)
         assert table.outputs.dtype == np.float32 and np.isfinite(table.outputs).all()
         assert table.labels.dtype == np.int64
         assert ((table.labels >= -1) & (table.labels < table.n_classes)).all()
+        return table
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -471,7 +502,7 @@ def test_random_bytes_raise_only_data_error(data, parquet_prefix):
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(df=malformed_frames(), cut=st.integers(0, 4000), flip=st.integers(0, 4000))
 def test_malformed_frames_raise_only_data_error(df, cut, flip):
-    only_data_errors(lambda: validate_frame(df, source="fuzz"))
+    event("valid" if only_data_errors(lambda: validate_frame(df, source="fuzz")) else "refused")
     text = df.to_csv(index=False).encode("utf-8")
     only_data_errors(lambda: read_prediction_table(text, name="fuzz.csv"))
     only_data_errors(lambda: read_prediction_table(text[: cut % (len(text) + 1)], name="f.csv"))

@@ -1,0 +1,66 @@
+"""`kdcore analyze` on the bundled sample and on prediction tables."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import confusion_matrix
+
+from kdcore.bundles import load_bundle
+
+
+def _analyze(*args):
+    return subprocess.run([sys.executable, "-m", "kdcore.cli", "analyze", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_analyze_json_on_the_sample_has_every_split():
+    out = _analyze("--json")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    for key in ("n_samples", "n_classes", "class_names", "teacher_accuracy", "bias_rate",
+                "per_class", "error_confusion", "top_confusions", "splits"):
+        assert key in doc
+    assert set(doc["splits"]) == {"train", "unlabelled", "test"}
+    assert "predicted_distribution" in doc["splits"]["unlabelled"]
+    assert {"class", "support", "teacher_accuracy", "bias_rate", "most_confused_with"} <= set(
+        doc["per_class"][0])
+
+
+def test_analyze_test_split_agrees_with_sklearn():
+    bundle = load_bundle()
+    doc = json.loads(_analyze("--split", "test", "--json").stdout)
+    y, pred = bundle.y("test"), bundle.teacher_logits("test").argmax(1)
+    expected = confusion_matrix(y, pred, labels=range(10))
+    np.fill_diagonal(expected, 0)
+    assert np.array_equal(np.array(doc["error_confusion"]), expected)
+    assert doc["teacher_accuracy"] == (y == pred).mean()
+
+
+def test_the_sample_teacher_is_systematically_biased_on_4s_and_7s():
+    doc = json.loads(_analyze("--split", "test", "--json").stdout)
+    top = {(c["true"], c["predicted"]) for c in doc["top_confusions"][:2]}
+    assert top == {("4", "9"), ("7", "1")}
+
+
+def test_analyze_a_csv_prediction_table(tmp_path):
+    bundle = load_bundle()
+    logits = bundle.teacher_logits("test")
+    df = pd.DataFrame(logits, columns=[f"logit_{c}" for c in bundle.class_names])
+    df.insert(0, "label", bundle.y("test"))
+    path = tmp_path / "preds.csv"
+    df.to_csv(path, index=False)
+    doc = json.loads(_analyze(str(path), "--json").stdout)
+    assert doc["n_samples"] == len(df)
+    assert doc["teacher_accuracy"] == (logits.argmax(1) == bundle.y("test")).mean()
+
+
+def test_analyze_bad_file_exits_2_with_one_line(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("label,logit_a,logit_b\n0,1.0,oops\n")
+    out = _analyze(str(path), "--json")
+    assert out.returncode == 2
+    assert out.stdout == ""
+    assert len(out.stderr.strip().splitlines()) == 1 and "bad.csv" in out.stderr

@@ -1,0 +1,185 @@
+"""The training loop, jobs and compare on the bundled sample, with tiny configs."""
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from kdcore.bundles import load_bundle
+from kdcore.compare import paired_difference, plan, run_all, summarise, verdict
+from kdcore.jobs import cancel_job, execute_run, start_job
+from kdcore.runs import RunStore
+from kdcore.train import TrainConfig, bias_inheritance, train_student
+
+STRATEGIES = ["ce", "kd", "dkd", "kd+be", "kd+br", "kd+be+br", "kd+be+br+dl", "dkd+be+br+dl",
+              "btkd"]
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return load_bundle()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_trains_a_few_epochs(bundle, strategy):
+    config = TrainConfig.for_bundle(bundle, strategy=strategy, epochs=2)
+    _, result, metrics = train_student(config, bundle)
+    assert len(result.history) == 2
+    assert all(np.isfinite(h["loss"]) for h in result.history)
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    assert set(metrics["per_class_accuracy"]) == set(bundle.class_names)
+    assert metrics["student_params"] < metrics["teacher_params"]
+
+
+def test_training_is_deterministic_for_a_seed(bundle):
+    config = TrainConfig.for_bundle(bundle, strategy="kd+be+br+dl", epochs=2, seed=3)
+    a = train_student(config, bundle)[1].test_logits
+    b = train_student(config, bundle)[1].test_logits
+    assert np.array_equal(a, b)
+
+
+def test_every_strategy_takes_the_same_number_of_steps(bundle):
+    steps = {}
+    for strategy in ("ce", "kd+be+br+dl"):
+        seen = []
+        config = TrainConfig.for_bundle(bundle, strategy=strategy, epochs=1)
+        train_student(config, bundle, on_progress=lambda s, total, m: seen.append(total))
+        steps[strategy] = seen[-1]
+    assert steps["ce"] == steps["kd+be+br+dl"] > 1
+
+
+def test_btkd_config_uses_subset_normalisation(bundle):
+    assert TrainConfig.for_bundle(bundle, strategy="btkd").normalisation == "subset"
+
+
+def test_bias_inheritance_counts_same_wrong_class_only():
+    labels = np.array([0, 0, 1, 1, 2])
+    teacher = np.array([1, 2, 1, 0, 2])  # wrong on rows 0, 1, 3
+    student = np.array([1, 0, 1, 2, 2])  # copies row 0 only
+    assert bias_inheritance(student, teacher, labels) == pytest.approx(1 / 3)
+
+
+def test_execute_run_records_epochs_metrics_and_artifacts(bundle, workspace):
+    store = RunStore(workspace)
+    run_id = store.create(TrainConfig.for_bundle(bundle, strategy="kd", epochs=3).to_dict())
+    metrics = execute_run(run_id, workspace=workspace)
+    run = store.get(run_id)
+    assert run.status == "done"
+    assert run.metrics["test_accuracy"] == metrics["test_accuracy"]
+    assert list(store.epochs(run_id)["epoch"]) == [0, 1, 2]
+    artifacts = store.artifact_dir(run_id)
+    with np.load(artifacts / "test_predictions.npz") as preds:
+        assert preds["logits"].shape == (len(bundle.y("test")), bundle.n_classes)
+    import torch
+
+    state = torch.load(artifacts / "student.pt", weights_only=True)
+    assert any(k.endswith("weight") for k in state)
+
+
+def test_compare_reuses_finished_identical_runs(bundle, workspace):
+    store = RunStore(workspace)
+    configs = plan(bundle, ["ce", "kd"], range(2), epochs=2)
+    first = run_all(store, configs, workers=1)
+    reused = []
+    second = run_all(store, configs, workers=1, on_done=lambda run, r: reused.append(r))
+    assert [r.id for r in first] == [r.id for r in second]
+    assert reused == [True] * 4
+    assert len(store.list()) == 4
+
+
+def test_summary_pairs_seeds_against_kd(bundle, workspace):
+    store = RunStore(workspace)
+    runs = run_all(store, plan(bundle, ["kd", "kd+be+br"], range(2), epochs=2), workers=2)
+    summary = summarise(runs)
+    entry = summary["strategies"]["kd+be+br"]
+    per_kd = summary["strategies"]["kd"]["per_seed"]
+    assert entry["delta_vs_kd"]["mean"] == pytest.approx(np.mean(entry["per_seed"]) - np.mean(per_kd))
+    assert len(entry["delta_vs_kd"]["ci95"]) == 2
+    assert summary["verdict"].endswith(".")
+
+
+def test_paired_difference_interval_matches_t_distribution():
+    out = paired_difference([0.92, 0.93, 0.94], [0.90, 0.90, 0.90])
+    # diffs 0.02, 0.03, 0.04: mean 0.03, sd 0.01, t(0.975, 2) = 4.303
+    assert out["mean"] == pytest.approx(0.03)
+    assert out["ci95"] == pytest.approx([0.03 - 4.3027 * 0.01 / 3**0.5,
+                                         0.03 + 4.3027 * 0.01 / 3**0.5], abs=1e-4)
+
+
+def _summary(delta_ci):
+    return {
+        "teacher_test_accuracy": 0.9,
+        "strategies": {
+            "kd": {"mean": 0.9, "seeds": [0, 1], "bias_inheritance": 0.4, "delta_vs_kd": None},
+            "kd+be+br+dl": {"mean": 0.9 + sum(delta_ci) / 2, "seeds": [0, 1],
+                            "bias_inheritance": 0.3,
+                            "delta_vs_kd": {"mean": sum(delta_ci) / 2, "ci95": list(delta_ci)}},
+        },
+    }
+
+
+def test_verdict_says_when_bias_aware_distillation_does_not_pay():
+    assert "does not pay" in verdict(_summary((-0.03, -0.01)))
+    assert "No clear difference" in verdict(_summary((-0.01, 0.02)))
+    assert "beats vanilla KD" in verdict(_summary((0.01, 0.03)))
+
+
+def test_a_detached_job_can_be_cancelled(bundle, workspace):
+    config = TrainConfig.for_bundle(bundle, strategy="kd", epochs=5000)
+    run_id = start_job(config, workspace=workspace)
+    store = RunStore(workspace)
+    deadline = time.time() + 60
+    while store.get(run_id).status != "running" and time.time() < deadline:
+        time.sleep(0.2)
+    assert store.get(run_id).status == "running"
+    cancel_job(run_id, workspace=workspace)
+    deadline = time.time() + 15
+    while store.get(run_id).status == "running" and time.time() < deadline:
+        time.sleep(0.2)
+    assert store.get(run_id).status == "cancelled"
+
+
+def _cli(*args, workspace):
+    return subprocess.run([sys.executable, "-m", "kdcore.cli", *args, "--workspace", str(workspace)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_train_json_has_the_documented_keys(workspace):
+    out = _cli("train", "--strategy", "kd+be+br+dl", "--epochs", "2", "--json", workspace=workspace)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    for key in ("run_id", "strategy", "seed", "test_accuracy", "best_test_accuracy",
+                "per_class_accuracy", "bias_inheritance", "teacher_test_accuracy", "world_size"):
+        assert key in doc
+    assert doc["world_size"] == 1
+
+
+def test_cli_compare_json_has_the_documented_keys(workspace):
+    out = _cli("compare", "--strategies", "kd,kd+be+br", "--seeds", "2", "--epochs", "2",
+               "--json", workspace=workspace)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert "teacher_test_accuracy" in doc
+    entry = doc["strategies"]["kd+be+br"]
+    for key in ("mean", "std", "seeds", "per_seed", "bias_inheritance", "delta_vs_kd"):
+        assert key in entry
+    assert set(entry["delta_vs_kd"]) == {"mean", "ci95"}
+
+
+def test_cli_bad_strategy_exits_2_with_one_line(workspace):
+    out = _cli("train", "--strategy", "kd+zz", workspace=workspace)
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "kd+zz" in out.stderr
+    assert not RunStore(workspace).list()
+
+
+def test_cli_runs_show_and_rm(workspace):
+    out = _cli("train", "--strategy", "ce", "--epochs", "1", "--json", workspace=workspace)
+    run_id = json.loads(out.stdout)["run_id"]
+    shown = json.loads(_cli("runs", "show", run_id, "--json", workspace=workspace).stdout)
+    assert shown["id"] == run_id and shown["status"] == "done"
+    assert _cli("runs", "rm", run_id, workspace=workspace).returncode == 0
+    assert _cli("runs", "show", run_id, workspace=workspace).returncode == 2
