@@ -78,7 +78,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     print(f"\nTeacher accuracy {_pct(doc['teacher_accuracy'])}, bias rate {_pct(doc['bias_rate'])}"
           f" on {'all labelled rows' if not args.split else args.split}\n")
     per_class = pd.DataFrame(doc["per_class"])[
-        ["class", "support", "teacher_accuracy", "bias_rate", "most_confused_with"]]
+        ["class", "support", "teacher_accuracy", "bias_rate", "most_confused_with"]].fillna("-")
     print(per_class.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if doc["top_confusions"]:
         print("\nTop confusions (true -> teacher's prediction):")
