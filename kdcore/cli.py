@@ -99,8 +99,9 @@ def _train_overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from kdcore import distributed
     from kdcore.bundles import load_bundle
-    from kdcore.jobs import execute_run
+    from kdcore.jobs import execute_distributed, execute_run
     from kdcore.runs import RunStore
     from kdcore.train import Cancelled, TrainConfig
 
@@ -108,29 +109,52 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig.for_bundle(bundle, strategy=args.strategy, seed=args.seed,
                                     **_train_overrides(args))
     store = RunStore(args.workspace)
-    run_id = store.create(config.to_dict())
-    bar = _progress(not args.quiet, 0, f"{config.strategy} seed {config.seed}", "step")
+    if distributed.launched_by_torchrun():  # every rank runs this; rank 0 owns the run
+        distributed.init_process_group(config.device)
+        try:
+            lead = distributed.rank_and_world()[0] == 0
+            run_id = distributed.broadcast_str(store.create(config.to_dict()) if lead else None)
+            metrics = execute_run(run_id, workspace=store.workspace, threads=args.threads)
+        finally:
+            distributed.shutdown()
+        if not lead:
+            return 0
+    elif args.nproc > 1:
+        run_id = store.create(config.to_dict())
+        try:
+            distributed.spawn(execute_distributed, args.nproc, run_id, str(store.workspace),
+                              args.threads, config.device, not args.quiet)
+        except Exception:  # the rank's own error is in the store
+            pass
+        run = store.get(run_id)
+        if run.status != "done":
+            raise KDCoreError(f"run {run_id} {run.status}: {run.error or 'see kdcore runs show'}")
+        metrics = run.metrics
+    else:
+        run_id = store.create(config.to_dict())
+        bar = _progress(not args.quiet, 0, f"{config.strategy} seed {config.seed}", "step")
 
-    def on_step(step: int, total: int) -> None:
-        bar.total = total
-        bar.update(step - bar.n)
+        def on_step(step: int, total: int) -> None:
+            bar.total = total
+            bar.update(step - bar.n)
 
-    try:
-        metrics = execute_run(run_id, workspace=store.workspace, threads=args.threads,
-                              on_step=on_step)
-    except Cancelled:
-        bar.close()
-        print(f"run {run_id} cancelled", file=sys.stderr)
-        return 1
-    bar.close()
-    doc = {"run_id": run_id, "strategy": config.strategy, "seed": config.seed, **metrics}
+        try:
+            metrics = execute_run(run_id, workspace=store.workspace, threads=args.threads,
+                                  on_step=on_step)
+        except Cancelled:
+            print(f"run {run_id} cancelled", file=sys.stderr)
+            return 1
+        finally:
+            bar.close()
+    doc = {"run_id": run_id, **metrics, "strategy": config.strategy, "seed": config.seed}
     if args.json:
         emit_json(doc)
     else:
         print(f"run {run_id}: {config.strategy}, seed {config.seed}: test accuracy "
               f"{_pct(metrics['test_accuracy'])} (best epoch {_pct(metrics['best_test_accuracy'])}), "
               f"teacher {_pct(metrics['teacher_test_accuracy'])}, copies "
-              f"{_pct(metrics['bias_inheritance'])} of the teacher's test errors")
+              f"{_pct(metrics['bias_inheritance'])} of the teacher's test errors"
+              + (f", {metrics['world_size']} processes" if metrics["world_size"] > 1 else ""))
     return 0
 
 
@@ -242,7 +266,10 @@ def cmd_runs(args: argparse.Namespace) -> int:
         elif not runs:
             print(f"no runs in {store.workspace}; try `kdcore demo`")
         else:
-            print(to_frame(runs).to_string(index=False))
+            table = to_frame(runs)[["id", "created_at", "strategy", "seed", "status",
+                                    "test_accuracy", "bias_inheritance"]]
+            table["created_at"] = table["created_at"].str.slice(0, 19).str.replace("T", " ")
+            print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         return 0
     if not args.run_id:
         raise DataError(f"`kdcore runs {action}` needs a run id; `kdcore runs` lists them")
@@ -337,7 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="kd+be+br+dl",
                    help="ce, kd, dkd, each with +be +br +dl; or btkd (the paper's exact recipe)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes on this machine (torch.distributed DDP: gloo on CPU, nccl on CUDA)")
     p.add_argument("--json", action="store_true")
     _add_training_options(p)
 

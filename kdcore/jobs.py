@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from kdcore.bundles import load_bundle
+from kdcore.distributed import init_process_group, rank_and_world, shutdown
 from kdcore.errors import DataError, KDCoreError
 from kdcore.runs import RunStore
 from kdcore.train import Cancelled, TrainConfig, save_artifacts, train_student
@@ -30,13 +31,16 @@ def execute_run(run_id: str, *, workspace: str | Path | None = None, threads: in
     """Train a queued run in this process and record everything; returns its final metrics.
 
     One thread per run: the bundled models are small, and several runs in parallel processes
-    use the cores better than one run on many threads.
+    use the cores better than one run on many threads. Under torch.distributed every rank
+    calls this; only rank 0 writes to the store.
     """
     torch.set_num_threads(threads)
+    lead = rank_and_world()[0] == 0
     store = RunStore(workspace)
     run = store.get(run_id)
     config = TrainConfig(**run.config)
-    store.start(run.id)
+    if lead:
+        store.start(run.id)
 
     def on_progress(step: int, total: int, metrics: dict | None) -> None:
         if metrics is None:
@@ -51,21 +55,52 @@ def execute_run(run_id: str, *, workspace: str | Path | None = None, threads: in
     try:
         bundle = load_bundle(config.bundle)
         model, result, metrics = train_student(
-            config, bundle, on_progress=on_progress,
-            should_cancel=lambda: store.cancel_requested(run.id))
-        save_artifacts(store.artifact_dir(run.id), model, result, bundle)
+            config, bundle, on_progress=on_progress if lead else None,
+            should_cancel=(lambda: store.cancel_requested(run.id)) if lead else None)
         metrics["strategy"], metrics["seed"] = config.strategy, config.seed
-        store.finish(run.id, metrics)
+        if lead:
+            save_artifacts(store.artifact_dir(run.id), model, result, bundle)
+            store.finish(run.id, metrics)
         return metrics
     except Cancelled:
-        store.mark_cancelled(run.id)
+        if lead:
+            store.mark_cancelled(run.id)
         raise
     except KDCoreError as exc:
-        store.fail(run.id, str(exc))
+        if lead:
+            store.fail(run.id, str(exc))
         raise
     except Exception as exc:  # recorded, then re-raised for the caller to report
-        store.fail(run.id, f"internal error: {type(exc).__name__}: {exc}")
+        if lead:
+            store.fail(run.id, f"internal error: {type(exc).__name__}: {exc}")
         raise
+
+
+def execute_distributed(run_id: str, workspace: str, threads: int, device: str,
+                        show_progress: bool) -> None:
+    """One rank of a multi-process run (the target of ``distributed.spawn``)."""
+    init_process_group(device)
+    try:
+        bar = None
+        if show_progress and rank_and_world()[0] == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=0, unit="step", file=sys.stderr, leave=False)
+
+        def on_step(step: int, total: int) -> None:
+            bar.total = total
+            bar.update(step - bar.n)
+
+        try:
+            execute_run(run_id, workspace=workspace, threads=threads,
+                        on_step=on_step if bar is not None else None)
+        except Cancelled:
+            pass
+        finally:
+            if bar is not None:
+                bar.close()
+    finally:
+        shutdown()
 
 
 def start_job(config: TrainConfig, *, workspace: str | Path | None = None) -> str:

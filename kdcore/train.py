@@ -12,6 +12,7 @@ the bundle (no augmentation), so the teacher never runs during training.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -19,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from kdcore.bundles import Bundle, load_bundle
+from kdcore.distributed import any_across, gather_rows, rank_and_world, sum_across
 from kdcore.errors import DataError, KDCoreError
 from kdcore.losses import UNLABELLED, Strategy, parse_strategy, strategy_loss
 from kdcore.models import build_model, count_parameters
@@ -112,9 +114,11 @@ def fit(model: torch.nn.Module, config: TrainConfig, *, x_train: np.ndarray, y_t
     if strategy.distills and teacher_train is None:
         raise DataError(f"strategy {strategy.name} distils, but no teacher outputs were given")
     device = resolve_device(config.device)
+    rank, world = rank_and_world()
     torch.manual_seed(config.seed)
-    gen = torch.Generator().manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)  # the same global batches on every rank
     model.to(device).train()
+    net = model if world == 1 else DistributedDataParallel(model)
 
     def tensor(a, dtype=torch.float32):
         return None if a is None else torch.as_tensor(a, dtype=dtype, device=device)
@@ -137,7 +141,8 @@ def fit(model: torch.nn.Module, config: TrainConfig, *, x_train: np.ndarray, y_t
         transfer_order = torch.randperm(nu, generator=gen) if nu else None
         sums: dict[str, float] = {}
         for i in range(steps_per_epoch):
-            if should_cancel is not None and should_cancel():
+            cancel = should_cancel is not None and should_cancel()
+            if any_across(cancel) if world > 1 else cancel:
                 raise Cancelled(f"cancelled at step {step} of {total}")
             if labelled_pos >= n:  # a new pass over the labelled rows; the last batch may be short
                 labelled_order, labelled_pos = torch.randperm(n, generator=gen), 0
@@ -150,7 +155,10 @@ def fit(model: torch.nn.Module, config: TrainConfig, *, x_train: np.ndarray, y_t
                 inputs = torch.cat([inputs, xu[uidx]])
                 labels = torch.cat([labels, torch.full((len(uidx),), UNLABELLED, device=device)])
                 teacher = torch.cat([teacher, tu[uidx]])
-            logits = model(inputs)
+            if world > 1:  # this rank's strided share of the global batch
+                inputs, labels, teacher = (None if t is None else t[rank::world]
+                                           for t in (inputs, labels, teacher))
+            logits = net(inputs)
             parts = strategy_loss(
                 logits, teacher if teacher is not None else logits.detach(), labels,
                 strategy=strategy, epoch=epoch, epochs=config.epochs,
@@ -170,12 +178,16 @@ def fit(model: torch.nn.Module, config: TrainConfig, *, x_train: np.ndarray, y_t
             sums["n_wrong"] = sums.get("n_wrong", 0.0) + parts.n_wrong
             if on_progress is not None and step % progress_every == 0:
                 on_progress(step, total, None)
-        metrics = {k: v / steps_per_epoch for k, v in sums.items()}
+        keys = sorted(sums)
+        totals = sum_across([sums[k] for k in keys])
+        metrics = {k: v / steps_per_epoch / world for k, v in zip(keys, totals)}
         metrics["b"] = parts.b
         metrics["lr"] = opt.param_groups[0]["lr"]
         if xt is not None:
-            test_logits = predict(model, xt)
-            acc = int((test_logits.argmax(1) == yt).sum()) / len(yt)
+            local = predict(model, xt[rank::world])
+            correct = sum_across([float((local.argmax(1) == yt[rank::world]).sum())])[0]
+            acc = correct / len(yt)
+            test_logits = gather_rows(local, rank, world)
             metrics["test_accuracy"] = acc
             if acc > result.best_test_accuracy or result.best_epoch < 0:
                 result.best_test_accuracy, result.best_epoch = acc, epoch
@@ -249,7 +261,7 @@ def train_student(config: TrainConfig, bundle: Bundle | None = None, *,
         student_params=count_parameters(model),
         teacher_params=count_parameters(build_model(bundle.teacher_spec)),
         train_seconds=round(result.seconds, 3),
-        world_size=1,
+        world_size=rank_and_world()[1],
     )
     return model, result, metrics
 
@@ -261,3 +273,14 @@ def save_artifacts(directory: Path, model: torch.nn.Module, result: FitResult, b
                         labels=bundle.y("test"),
                         teacher_logits=bundle.teacher_logits("test"))
     torch.save({k: v.cpu() for k, v in model.state_dict().items()}, directory / "student.pt")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m kdcore.train`` (what torchrun launches): the same options as ``kdcore train``."""
+    from kdcore.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -183,3 +183,14 @@ def test_cli_runs_show_and_rm(workspace):
     assert shown["id"] == run_id and shown["status"] == "done"
     assert _cli("runs", "rm", run_id, workspace=workspace).returncode == 0
     assert _cli("runs", "show", run_id, workspace=workspace).returncode == 2
+
+
+def test_two_process_ddp_run_matches_one_process(workspace):
+    args = ("train", "--strategy", "kd+be+br+dl", "--epochs", "3", "--json", "--quiet")
+    single = _cli(*args, workspace=workspace)
+    double = _cli(*args, "--nproc", "2", workspace=workspace)
+    assert single.returncode == 0 and double.returncode == 0, double.stderr
+    one, two = json.loads(single.stdout), json.loads(double.stdout)
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert abs(one["test_accuracy"] - two["test_accuracy"]) <= 0.01
+    assert RunStore(workspace).get(two["run_id"]).status == "done"
