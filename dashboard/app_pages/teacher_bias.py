@@ -1,0 +1,247 @@
+"""Teacher bias: where and why the teacher is wrong, class by class and sample by sample."""
+
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+import torch
+
+from dashboard import charts, state
+from kdcore.analysis import SPLIT_MEANING, report, select
+from kdcore.bias import reliability
+from kdcore.errors import KDCoreError
+from kdcore.losses import swap_rectify
+
+ALL = "all"
+SPLIT_LABELS = {"train": "Distillation data (train)", "test": "Held-out data (test)",
+                ALL: "All labelled rows"}
+ANY = -1
+MAX_SAMPLES = 24
+
+
+@st.cache_data(show_spinner="Analysing the teacher's predictions…", max_entries=16)
+def analyse(token: str, split: str | None, _table) -> dict:
+    """The bias report of one source and split (cached by the source's token and the split)."""
+    chosen = select(_table, split)
+    rows = np.flatnonzero(chosen.labels >= 0)
+    rep = report(chosen)
+    return {"report": rep, "rows": rows,
+            "reliability": reliability(rep.confidence, ~rep.wrong, n_bins=10)}
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def bundle_images(token: str, split: str | None, _bundle) -> np.ndarray | None:
+    """The split's inputs as images (n, h, w), in the order of the prediction table."""
+    shape = _bundle.image_shape
+    if not shape:
+        return None
+    splits = [split] if split else _bundle.splits
+    x = np.concatenate([_bundle.x(s) for s in splits])
+    return x.reshape(len(x), *shape[-2:]) if np.prod(shape) == x[0].size else None
+
+
+def rectified(outputs: np.ndarray, labels: np.ndarray, *, probabilities: bool,
+              temperature: float) -> tuple[np.ndarray, np.ndarray]:
+    """The teacher's distribution and the one after swap rectification, at a temperature."""
+    logits = torch.from_numpy(np.asarray(outputs, dtype=np.float32))
+    if probabilities:
+        logits = torch.log(logits.clamp_min(1e-12))
+    swapped = swap_rectify(logits, torch.from_numpy(np.asarray(labels, dtype=np.int64)))
+    return (torch.softmax(logits / temperature, 1).numpy(),
+            torch.softmax(swapped / temperature, 1).numpy())
+
+
+def clicked(key: str) -> list | None:
+    """customdata of the first point clicked in chart ``key``, once per new click."""
+    event = st.session_state.get(key)
+    points = (event or {}).get("selection", {}).get("points", []) if event else []
+    data = points[0].get("customdata") if points else None
+    if isinstance(data, dict):  # a typed array arrives as {"0": v0, "1": v1, ...}
+        data = [data[k] for k in sorted(data, key=int)]
+    try:
+        data = [int(v) for v in (data if isinstance(data, (list, tuple)) else [data])]
+    except (TypeError, ValueError):
+        data = None
+    seen = st.session_state.setdefault("bias_last_click", {})
+    if seen.get(key) == data:
+        return None
+    seen[key] = data
+    return data
+
+
+st.title("Teacher bias")
+st.caption("Where the teacher is wrong, how sure it was, and what a bias-aware student learns "
+           "instead: for each mistake the teacher's top class and the true class swap places "
+           "(rectification), keeping the rest of its knowledge.")
+
+sources = state.sources()
+left, right = st.columns([2, 3])
+source = left.selectbox("Data source", list(sources), key="bias_source",
+                        help="The bundled sample, other bundles, or a table you accepted on "
+                             "the Data page.")
+try:
+    table = state.load_source(source)
+    token = state.source_token(source)
+except (KDCoreError, KeyError, OSError) as exc:
+    state.show_error(exc, "Cannot load this source: ")
+    st.info("Pick another source, or upload a prediction table on the Data page.")
+    st.stop()
+
+labelled_splits = [s for s in table.splits if s != "unlabelled"
+                   and (table.labels[table.split == s] >= 0).any()]
+options = [*labelled_splits, ALL] if labelled_splits else [ALL]
+default = options.index("test") if "test" in options else 0
+split_choice = right.radio(
+    "Which rows", options, index=default, horizontal=True, key="bias_split",
+    format_func=SPLIT_LABELS.get,
+    help="; ".join(f"{SPLIT_LABELS[s]}: {SPLIT_MEANING[s]}" for s in labelled_splits)
+    or "This table has no split column: every labelled row is analysed.")
+split = None if split_choice == ALL else split_choice
+meaning = (SPLIT_MEANING[split] if split else
+           "every labelled row together" + (" (distillation and held-out)"
+                                            if labelled_splits else ""))
+right.caption(f"{meaning[0].upper()}{meaning[1:]}.")
+if "unlabelled" in table.splits:
+    n_unlabelled = int((table.split == "unlabelled").sum())
+    right.caption(f"Also {n_unlabelled:,} unlabelled rows ({SPLIT_MEANING['unlabelled']}); "
+                  "without labels the teacher's mistakes there cannot be counted.")
+
+try:
+    result = analyse(token, split, table)
+except KDCoreError as exc:
+    state.show_error(exc)
+    st.stop()
+rep, rows = result["report"], result["rows"]
+names = rep.class_names
+n_wrong = int(rep.wrong.sum())
+
+m1, m2, m3, m4 = st.columns(4)
+m1.metric("Teacher accuracy", f"{rep.accuracy:.1%}", help="Share of these rows it gets right.")
+m2.metric("Bias rate", f"{rep.bias_rate:.1%}",
+          help="Share of these rows it gets wrong: the teacher's bias that a student may copy.")
+m3.metric("Mistakes", f"{n_wrong:,}", help="Rows where the teacher's top class is not the label.")
+m4.metric("Rows analysed", f"{rep.n_samples:,}")
+
+# ---------------------------------------------------------------- per class and confusion
+c1, c2 = st.columns(2)
+with c1:
+    st.plotly_chart(charts.bias_rate_bars(rep.per_class), key=f"bias_bars_{split_choice}",
+                    on_select="rerun", selection_mode=("points",), width="stretch")
+    st.caption("Red: share of the class the teacher gets wrong. Grey: how many samples the "
+               "class has, so a rare class is not mistaken for a biased one. Click a bar to "
+               "see that class's mistakes below.")
+with c2:
+    heatmap = st.container()
+    norm = st.toggle("Row-normalised", key="bias_normalise",
+                     help="Off: number of samples. On: each row shows how that class's "
+                          "mistakes divide among the wrong classes.")
+    heatmap.plotly_chart(
+        charts.error_confusion_heatmap(rep.error_confusion, names, normalise=norm),
+        key=f"bias_heatmap_{split_choice}", on_select="rerun", selection_mode=("points",),
+        width="stretch")
+    st.caption("Rows: true class; columns: what the teacher said. Click a cell to see those "
+               "samples below.")
+
+# a click sets the manual filter below (which also works without clicking)
+for key, fields in ((f"bias_bars_{split_choice}", 1), (f"bias_heatmap_{split_choice}", 2)):
+    data = clicked(key)
+    if data:
+        st.session_state["bias_true"] = data[0]
+        st.session_state["bias_pred"] = data[1] if fields == 2 else ANY
+        st.session_state["bias_only_wrong"] = True
+
+# ---------------------------------------------------------------- samples
+st.subheader("The samples behind a mistake")
+class_options = [ANY, *range(len(names))]
+if st.session_state.get("bias_true") not in class_options:
+    top_true = str(rep.top_confusions["true"].iloc[0]) if n_wrong else None
+    st.session_state["bias_true"] = names.index(top_true) if top_true in names else ANY
+f1, f2, f3, f4, f5 = st.columns(5)
+true_c = f1.selectbox("True class", class_options, key="bias_true",
+                      format_func=lambda i: "any" if i == ANY else names[i])
+pred_c = f2.selectbox("Teacher said", class_options, key="bias_pred",
+                      format_func=lambda i: "any" if i == ANY else names[i])
+only_wrong = f3.toggle("Mistakes only", value=True, key="bias_only_wrong")
+default_t = 4.0
+bundle = state.source_bundle(source)
+if bundle is not None:
+    default_t = float(bundle.training_defaults.get("temperature", default_t))
+temperature = f4.slider("Temperature", 1.0, 10.0, default_t, 0.5, key="bias_temperature",
+                        help="Distributions are shown softened at this temperature, as the "
+                             "student sees them in distillation; 1 shows the teacher's raw "
+                             "confidence.")
+
+max_shown = f5.slider("Samples shown", 2, MAX_SAMPLES, 8, 2, key="bias_n_show")
+
+mask = np.ones(rep.n_samples, dtype=bool)
+if true_c != ANY:
+    mask &= rep.labels == true_c
+if pred_c != ANY:
+    mask &= rep.predicted == pred_c
+if only_wrong:
+    mask &= rep.wrong
+picked = np.flatnonzero(mask)
+what = (f"true class {'any' if true_c == ANY else names[true_c]}, teacher said "
+        f"{'any' if pred_c == ANY else names[pred_c]}" + (", mistakes only" if only_wrong else ""))
+if not len(picked):
+    st.info(f"No samples match ({what}). Click a bar or a cell above, or change the filters.")
+else:
+    n_show = min(len(picked), max_shown)
+    st.caption(f"{len(picked):,} samples match ({what}); showing the first {n_show}, the "
+               "teacher's most confident first. Gold band: the true class. Bars are softened at "
+               "the temperature above; 'sure' is the teacher's raw confidence.")
+    order = picked[np.argsort(-rep.confidence[picked], kind="stable")][:n_show]
+    chosen = select(table, split)
+    outputs = chosen.outputs[rows[order]]
+    teacher_p, rect_p = rectified(outputs, rep.labels[order],
+                                  probabilities=table.probabilities, temperature=temperature)
+    images = bundle_images(token, split, bundle) if bundle is not None else None
+    ids = chosen.sample_id[rows[order]] if chosen.sample_id is not None else rows[order]
+    for start in range(0, n_show, 2):
+        cols = st.columns([1, 3, 1, 3] if images is not None else [1, 1])
+        for j, i in enumerate(range(start, min(start + 2, n_show))):
+            s = order[i]
+            title = (f"#{ids[i]}: true {names[rep.labels[s]]}, teacher said "
+                     f"{names[rep.predicted[s]]} ({rep.confidence[s]:.0%} sure)")
+            if images is not None:
+                cols[2 * j].plotly_chart(
+                    charts.image_grid(images[rows[s]][None], [""], cell_px=140),
+                    key=f"bias_img_{i}", width="stretch", config={"staticPlot": True})
+                target = cols[2 * j + 1]
+            else:
+                target = cols[j]
+            target.plotly_chart(
+                charts.probability_bars(names, teacher_p[i], rect_p[i],
+                                        true_class=int(rep.labels[s]), title=title),
+                key=f"bias_probs_{i}", width="stretch")
+
+# ---------------------------------------------------------------- pairs and confidence
+st.subheader("Most confused pairs")
+if n_wrong:
+    pairs = rep.top_confusions.head(10)[["true", "predicted", "count", "share"]]
+    p1, p2 = st.columns([2, 3])
+    p1.dataframe(pairs, hide_index=True, width="stretch", column_config={
+        "true": "true class", "predicted": "teacher said", "count": "samples",
+        "share": st.column_config.ProgressColumn("share of all mistakes", format="percent",
+                                                 min_value=0.0, max_value=1.0)})
+    p2.plotly_chart(charts.top_confusions_bar(pairs), key="bias_pairs", width="stretch")
+else:
+    st.success("The teacher makes no mistakes on these rows: there is no bias to remove here.")
+
+st.subheader("Confidence when right vs when wrong")
+h1, h2 = st.columns(2)
+h1.plotly_chart(charts.confidence_histogram(rep.confidence, rep.wrong), key="bias_conf",
+                width="stretch")
+h2.plotly_chart(charts.reliability_diagram(result["reliability"]), key="bias_reliability",
+                width="stretch")
+st.caption("A teacher that is confidently wrong passes its mistakes on as strong soft targets; "
+           "this is the bias that elimination and rectification are meant to stop.")
+
+with st.expander("Per-class table"):
+    st.dataframe(rep.per_class, hide_index=True, width="stretch", column_config={
+        "teacher_accuracy": st.column_config.NumberColumn("teacher accuracy", format="percent"),
+        "bias_rate": st.column_config.NumberColumn("bias rate", format="percent"),
+        "mean_confidence_wrong": st.column_config.NumberColumn("confidence when wrong",
+                                                               format="percent"),
+        "share_of_errors": st.column_config.NumberColumn("share of mistakes", format="percent"),
+    })
