@@ -1,0 +1,454 @@
+"""Plotly figures for the dashboard: pure functions from DataFrames / arrays to figures.
+
+No Streamlit here, so every chart can be tested and reused (the report, notebooks). Colours are
+shared so that "teacher", "student", "right", "wrong" look the same on every page.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+# --- palette and layout shared by every page
+TEACHER = "#7F8C8D"     # grey: the teacher, "before"
+STUDENT = "#1F77B4"     # blue: a student, "after"
+RIGHT = "#2CA02C"       # green: correct predictions
+WRONG = "#D62728"       # red: the teacher's bias (its mistakes)
+RECTIFIED = "#2CA02C"   # green: the teacher's distribution after rectification
+SUPPORT = "#BDC3C7"     # light grey: how many samples a class has
+ERROR_SCALE = "Reds"
+SERIES = px.colors.qualitative.Safe
+
+_FONT = dict(size=13)
+
+
+def _finish(fig: go.Figure, title: str, *, height: int | None = None) -> go.Figure:
+    fig.update_layout(
+        title=dict(text=title, x=0, xanchor="left"),
+        font=_FONT,
+        margin=dict(l=10, r=10, t=60, b=10),
+        legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1),
+        hoverlabel=dict(namelength=-1),
+    )
+    if height:
+        fig.update_layout(height=height)
+    return fig
+
+
+def bias_rate_bars(per_class: pd.DataFrame) -> go.Figure:
+    """Teacher bias rate per class (top) with each class's number of samples (bottom).
+
+    Reading both panels together tells imbalance from bias: a tall red bar over a short grey
+    bar is a rare class the teacher fails on; a tall red bar over a normal grey bar is bias.
+    Every point carries ``customdata = [class index]`` so a click can filter a sample view.
+    """
+    df = per_class.reset_index(drop=True)
+    classes = df["class"].astype(str).tolist()
+    support = df["support"].to_numpy()
+    rate = df["bias_rate"].to_numpy(dtype=float)
+    wrong = np.rint(np.nan_to_num(rate) * support).astype(int)
+    idx = [[i] for i in range(len(df))]  # plain lists: the browser returns them as clicked
+    confused = df.get("most_confused_with", pd.Series([None] * len(df))).fillna("—").astype(str)
+    rate0 = np.nan_to_num(rate)
+    hover = [
+        f"class {c}: wrong on {w} of {s} samples ({r:.1%})<br>most often read as {m}"
+        if s else f"class {c}: no samples"
+        for c, w, s, r, m in zip(classes, wrong, support, rate0, confused, strict=True)
+    ]
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.7, 0.3],
+                        vertical_spacing=0.06)
+    fig.add_trace(go.Bar(
+        x=classes, y=rate, name="bias rate (share wrong)", marker_color=WRONG,
+        text=[f"{r:.0%}" if s else "" for r, s in zip(rate0, support, strict=True)],
+        textposition="outside", customdata=idx, hovertext=hover, hoverinfo="text",
+    ), row=1, col=1)
+    fig.add_trace(go.Bar(
+        x=classes, y=support, name="samples in class", marker_color=SUPPORT,
+        text=[str(s) for s in support], textposition="outside", customdata=idx,
+        hovertext=hover, hoverinfo="text",
+    ), row=2, col=1)
+    top = float(np.nanmax(rate)) if np.isfinite(rate).any() else 0.0
+    fig.update_yaxes(title_text="teacher wrong", tickformat=".0%",
+                     range=[0, max(top * 1.25, 0.05)], row=1, col=1)
+    fig.update_yaxes(title_text="samples", range=[0, max(support.max(initial=0) * 1.35, 1)],
+                     row=2, col=1)
+    fig.update_xaxes(title_text="true class", type="category", row=2, col=1)
+    fig.update_layout(bargap=0.25, clickmode="event+select")
+    return _finish(fig, "Where the teacher is wrong: share of each class it misclassifies",
+                   height=430)
+
+
+def error_confusion_heatmap(error_confusion: np.ndarray, class_names: Sequence[str],
+                            normalise: bool = False) -> go.Figure:
+    """The teacher's mistakes: true class (rows) x the class it predicted (columns).
+
+    With ``normalise`` each row shows the share of that class's mistakes going to each wrong
+    class. The diagonal (correct predictions) is left blank. An invisible marker sits on every
+    non-empty cell with ``customdata = [true index, predicted index]`` so a click selects it.
+    """
+    counts = np.asarray(error_confusion, dtype=float)
+    k = counts.shape[0]
+    names = [str(c) for c in class_names]
+    rows = counts.sum(1, keepdims=True)
+    shares = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
+    z = (shares if normalise else counts).copy()
+    np.fill_diagonal(z, np.nan)
+    text = np.where(counts > 0,
+                    np.vectorize(lambda v: f"{v:.0%}")(shares) if normalise
+                    else counts.astype(int).astype(str), "")
+    np.fill_diagonal(text, "")
+    hover = np.empty((k, k), dtype=object)
+    for i in range(k):
+        for j in range(k):
+            hover[i, j] = ("correct predictions (not shown)" if i == j else
+                           f"true {names[i]}, teacher said {names[j]}: {int(counts[i, j])} "
+                           f"samples ({shares[i, j]:.0%} of class {names[i]}'s mistakes)")
+    fig = go.Figure(go.Heatmap(
+        z=z, x=names, y=names, text=text, texttemplate="%{text}", hovertext=hover,
+        hoverinfo="text", colorscale=ERROR_SCALE, zmin=0, xgap=1, ygap=1,
+        colorbar=dict(title="share" if normalise else "samples",
+                      tickformat=".0%" if normalise else "d"),
+    ))
+    ti, pj = np.nonzero(counts > 0)
+    fig.add_trace(go.Scatter(
+        x=[names[j] for j in pj], y=[names[i] for i in ti], mode="markers",
+        marker=dict(symbol="square", size=28, color="rgba(0,0,0,0)"),
+        selected=dict(marker=dict(color="rgba(0,0,0,0)")),
+        unselected=dict(marker=dict(opacity=1)),
+        customdata=[[int(i), int(j)] for i, j in zip(ti, pj, strict=True)],
+        hovertext=[hover[i, j] for i, j in zip(ti, pj, strict=True)], hoverinfo="text",
+        showlegend=False, name="mistakes",
+    ))
+    fig.update_xaxes(title_text="teacher's prediction", type="category", side="bottom")
+    fig.update_yaxes(title_text="true class", type="category", autorange="reversed")
+    fig.update_layout(plot_bgcolor="white", clickmode="event+select")
+    what = "share of each class's mistakes" if normalise else "number of samples"
+    return _finish(fig, f"Which classes the teacher confuses ({what})", height=460)
+
+
+def top_confusions_bar(top_confusions: pd.DataFrame, limit: int = 10) -> go.Figure:
+    """The most frequent (true -> predicted) mistakes, largest first."""
+    df = top_confusions.head(limit).iloc[::-1]
+    labels = [f"{t} read as {p}" for t, p in zip(df["true"], df["predicted"], strict=True)]
+    counts, shares = df["count"].tolist(), df["share"].tolist()
+    fig = go.Figure(go.Bar(
+        x=counts, y=labels, orientation="h", marker_color=WRONG,
+        text=[f"{c} ({s:.0%} of all mistakes)" for c, s in zip(counts, shares, strict=True)],
+        textposition="auto", hoverinfo="text",
+        hovertext=[f"{lab}: {c} samples" for lab, c in zip(labels, counts, strict=True)],
+    ))
+    fig.update_xaxes(title_text="samples")
+    fig.update_yaxes(title_text="")
+    return _finish(fig, "The teacher's most frequent mistakes",
+                   height=max(220, 60 + 32 * len(df)))
+
+
+def confidence_histogram(confidence: np.ndarray, wrong: np.ndarray, bins: int = 20) -> go.Figure:
+    """How sure the teacher was, for its right and its wrong predictions (overlaid)."""
+    confidence = np.asarray(confidence, dtype=float)
+    wrong = np.asarray(wrong, dtype=bool)
+    edges = np.linspace(0, 1, bins + 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    fig = go.Figure()
+    for name, mask, colour in (("right", ~wrong, RIGHT), ("wrong", wrong, WRONG)):
+        counts, _ = np.histogram(np.clip(confidence[mask], 0, 1), bins=edges)
+        share = counts / max(mask.sum(), 1)
+        fig.add_trace(go.Bar(
+            x=centres, y=share, name=f"{name} ({int(mask.sum())})", marker_color=colour,
+            customdata=counts, hovertemplate=(
+                f"{name}: %{{customdata}} samples with confidence "
+                "%{x:.0%}±" + f"{50 / bins:.1f}%<extra></extra>")))
+    fig.update_layout(barmode="group", bargap=0.1)
+    fig.update_xaxes(title_text="teacher's confidence in its prediction", tickformat=".0%",
+                     range=[0, 1])
+    fig.update_yaxes(title_text="share of predictions", tickformat=".0%")
+    return _finish(fig, "Is the teacher less sure when it is wrong?", height=380)
+
+
+def reliability_diagram(reliability_df: pd.DataFrame) -> go.Figure:
+    """Accuracy against confidence per bin; the diagonal is a perfectly calibrated teacher."""
+    df = reliability_df[reliability_df["count"] > 0]
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfectly calibrated",
+                             line=dict(color=TEACHER, dash="dash"), hoverinfo="skip"))
+    fig.add_trace(go.Scatter(
+        x=df["mean_confidence"], y=df["accuracy"], mode="lines+markers", name="teacher",
+        line=dict(color=STUDENT), marker=dict(size=np.clip(np.sqrt(df["count"]), 6, 16)),
+        customdata=np.stack([df["count"], df["bin_lower"], df["bin_upper"]], 1),
+        hovertemplate=("confidence %{customdata[1]:.0%}–%{customdata[2]:.0%}: "
+                       "%{customdata[0]} samples, said %{x:.0%} sure, right %{y:.0%}"
+                       "<extra></extra>")))
+    fig.update_xaxes(title_text="teacher's confidence", tickformat=".0%", range=[0, 1.02])
+    fig.update_yaxes(title_text="how often it was right", tickformat=".0%", range=[0, 1.02])
+    fig = _finish(fig, "Can the teacher's confidence be trusted?", height=380)
+    fig.update_layout(title_subtitle_text="points below the dashed line: more sure than right",
+                      margin=dict(t=80), legend=dict(orientation="v", yanchor="top", y=0.98,
+                                                     xanchor="left", x=0.02))
+    return fig
+
+
+def probability_bars(class_names: Sequence[str], teacher_probs: np.ndarray,
+                     rectified_probs: np.ndarray, *, true_class: int | None = None,
+                     title: str | None = None, height: int = 260) -> go.Figure:
+    """The teacher's distribution and the distribution after rectification, side by side."""
+    names = [str(c) for c in class_names]
+    fig = go.Figure()
+    fig.add_trace(go.Bar(x=names, y=np.asarray(teacher_probs, float), name="teacher",
+                         marker_color=WRONG,
+                         hovertemplate="class %{x}: %{y:.1%}<extra>teacher</extra>"))
+    fig.add_trace(go.Bar(x=names, y=np.asarray(rectified_probs, float),
+                         name="after rectification", marker_color=RECTIFIED,
+                         hovertemplate="class %{x}: %{y:.1%}<extra>rectified</extra>"))
+    if true_class is not None:
+        fig.add_vrect(x0=true_class - 0.5, x1=true_class + 0.5, fillcolor="gold",
+                      opacity=0.18, line_width=0, annotation_text="true",
+                      annotation_position="top left")
+    fig.update_layout(barmode="group", bargap=0.2)
+    fig.update_xaxes(title_text="class", type="category")
+    fig.update_yaxes(title_text="probability", tickformat=".0%", range=[0, 1.05])
+    fig = _finish(fig, title or "Teacher's probabilities vs after rectification", height=height)
+    fig.update_layout(margin=dict(l=10, r=10, t=50, b=10))
+    return fig
+
+
+def image_grid(images: np.ndarray, titles: Sequence[str] | None = None, *,
+               cols: int = 6, cell_px: int = 120) -> go.Figure:
+    """Small greyscale images (n, h, w) in a grid, one title each (ink is dark)."""
+    images = np.asarray(images, dtype=float)
+    if images.ndim == 2:
+        images = images[None]
+    n = len(images)
+    cols = max(1, min(cols, n))
+    fig = px.imshow(images, facet_col=0, facet_col_wrap=cols, color_continuous_scale="gray_r",
+                    facet_col_spacing=0.02, facet_row_spacing=0.12 if n > cols else 0.0)
+    titles = list(titles) if titles is not None else [str(i) for i in range(n)]
+    for annotation in fig.layout.annotations:  # facet titles read "facet_col=i"
+        i = int(annotation.text.split("=")[-1])
+        annotation.text = titles[i] if i < len(titles) else ""
+        annotation.font.size = 12
+    fig.update_xaxes(showticklabels=False, showgrid=False)
+    fig.update_yaxes(showticklabels=False, showgrid=False)
+    fig.update_layout(coloraxis_showscale=False, margin=dict(l=0, r=0, t=30, b=0),
+                      height=int(cell_px * ((n + cols - 1) // cols) + 30))
+    return fig
+
+
+def per_class_before_after(per_class: pd.DataFrame, *, title: str | None = None,
+                           highlight: str | None = None) -> go.Figure:
+    """Grouped bars of per-class accuracy: column ``class``, then one column per model.
+
+    A column named ``teacher`` is grey; ``highlight`` (default: the last column) is the student
+    blue; any others get the series colours. Values are accuracies in [0, 1].
+    """
+    models = [c for c in per_class.columns if c != "class"]
+    classes = per_class["class"].astype(str)
+    highlight = highlight or models[-1]
+    fig = go.Figure()
+    palette = iter([c for c in SERIES if c != STUDENT])
+    for model in models:
+        colour = (TEACHER if model == "teacher" else STUDENT if model == highlight
+                  else next(palette))
+        values = per_class[model].astype(float)
+        fig.add_trace(go.Bar(
+            x=classes, y=values, name=model, marker_color=colour,
+            text=[f"{v:.0%}" if np.isfinite(v) else "" for v in values], textposition="outside",
+            hovertemplate=f"{model}, class %{{x}}: %{{y:.1%}} right<extra></extra>"))
+    fig.update_layout(barmode="group", bargap=0.2, bargroupgap=0.05)
+    fig.update_xaxes(title_text="class", type="category")
+    fig.update_yaxes(title_text="accuracy on held-out data", tickformat=".0%", range=[0, 1.12])
+    return _finish(fig, title or "Per-class accuracy: teacher (before) vs student (after)",
+                   height=420)
+
+
+# --- runs and results
+# Figures for the Train and Results pages, from ``kdcore.compare.summarise`` documents and
+# ``RunStore.epochs`` frames. Accuracies stay fractions (axes format them as %); differences
+# between accuracies are drawn in percentage points.
+
+_BASE_RANK = {"ce": 0, "kd": 1, "dkd": 3, "btkd": 2}
+
+
+def strategy_order(names: Sequence[str]) -> list[str]:
+    """Strategies in reading order: ce, kd and its variants (fewest parts first), btkd, dkd..."""
+    def key(name: str) -> tuple:
+        base, *parts = name.split("+")
+        return (_BASE_RANK.get(base, 4), len(parts), name)
+    return sorted(names, key=key)
+
+
+def _strategies(summary: dict) -> list[tuple[str, dict]]:
+    entries = summary.get("strategies", {})
+    return [(name, entries[name]) for name in strategy_order(list(entries))]
+
+
+def strategy_accuracy_bars(summary: dict) -> go.Figure:
+    """Mean last-epoch test accuracy per strategy, error bars one standard deviation over
+    seeds, a dashed line at the teacher. ``summary`` is ``kdcore.compare.summarise(runs)``."""
+    rows = _strategies(summary)
+    names = [n for n, _ in rows]
+    means = np.array([e["mean"] for _, e in rows], dtype=float)
+    stds = np.array([e["std"] for _, e in rows], dtype=float)
+    seeds = [len(e["seeds"]) for _, e in rows]
+    fig = go.Figure(go.Bar(
+        x=names, y=means, marker_color=STUDENT,
+        error_y=dict(type="data", array=stds, visible=True, color=TEACHER),
+        text=[f"{m:.1%}" for m in means], textposition="inside", insidetextanchor="start",
+        customdata=np.stack([stds, seeds], 1) if rows else None,
+        hovertemplate=("%{x}: %{y:.1%} ± %{customdata[0]:.1%} over %{customdata[1]} seeds"
+                       "<extra></extra>")))
+    lows = list(means - stds)
+    teacher = summary.get("teacher_test_accuracy")
+    if teacher is not None:
+        fig.add_hline(y=teacher, line_dash="dash", line_color=TEACHER,
+                      annotation_text=f"teacher {teacher:.1%}", annotation_position="top left")
+        lows.append(teacher)
+    floor = max(0.0, min(lows) - 0.05) if lows else 0.0
+    fig.update_xaxes(title_text="training strategy", type="category")
+    fig.update_yaxes(title_text="test accuracy, last epoch (axis not from 0)",
+                     tickformat=".0%", range=[floor, 1.0])
+    fig.update_layout(showlegend=False)
+    return _finish(fig, "Student test accuracy per strategy (± std over seeds)", height=400)
+
+
+def delta_vs_kd_chart(summary: dict) -> go.Figure:
+    """Each strategy's paired difference to vanilla KD (same seeds), with its 95% interval.
+
+    Green: the whole interval is above 0 (a real gain); red: below 0 (a real loss); grey: the
+    interval includes 0 or there is one seed only (no interval).
+    """
+    rows = [(n, e) for n, e in _strategies(summary) if n != "kd" and e.get("delta_vs_kd")]
+    fig = go.Figure()
+    for name, entry in rows:
+        delta = entry["delta_vs_kd"]
+        mean, ci = 100 * delta["mean"], delta.get("ci95")
+        lo, hi = (100 * ci[0], 100 * ci[1]) if ci else (mean, mean)
+        colour = RIGHT if ci and lo > 0 else WRONG if ci and hi < 0 else TEACHER
+        interval = f"95% interval {lo:+.1f} to {hi:+.1f}" if ci else "one seed: no interval"
+        fig.add_trace(go.Scatter(
+            x=[mean], y=[name], mode="markers", marker=dict(size=12, color=colour),
+            error_x=dict(type="data", symmetric=False, array=[hi - mean],
+                         arrayminus=[mean - lo], visible=bool(ci), color=colour, thickness=2),
+            name=name, showlegend=False,
+            hovertemplate=f"{name}: %{{x:+.1f}} points vs KD<br>{interval}<extra></extra>"))
+    fig.add_vline(x=0, line_dash="dash", line_color=TEACHER,
+                  annotation_text="same as vanilla KD", annotation_position="top")
+    fig.update_xaxes(title_text="difference in test accuracy vs vanilla KD (percentage points)",
+                     zeroline=False)
+    fig.update_yaxes(title_text="", type="category", categoryorder="array",
+                     categoryarray=[n for n, _ in rows][::-1])
+    return _finish(fig, "Gain over vanilla KD on the same seeds (bars: 95% interval)",
+                   height=max(260, 120 + 45 * len(rows)))
+
+
+def per_class_grouped_bars(df: pd.DataFrame) -> go.Figure:
+    """Per-class test accuracy of the teacher and the chosen students: column ``class``, a
+    column ``teacher``, one column per strategy (mean over seeds), values in [0, 1]."""
+    return per_class_before_after(
+        df, title="Per-class test accuracy: teacher (before) vs students (after)")
+
+
+def per_class_change(df: pd.DataFrame) -> go.Figure:
+    """Each student's per-class accuracy minus the teacher's, in points (frame as above)."""
+    students = [c for c in df.columns if c not in ("class", "teacher")]
+    classes = df["class"].astype(str)
+    fig = go.Figure()
+    palette = iter([STUDENT] + [c for c in SERIES if c != STUDENT])
+    for model in students:
+        change = 100 * (df[model].astype(float) - df["teacher"].astype(float))
+        fig.add_trace(go.Bar(
+            x=classes, y=change, name=model, marker_color=next(palette),
+            hovertemplate=f"{model}, class %{{x}}: %{{y:+.1f}} points vs the teacher"
+                          "<extra></extra>"))
+    fig.add_hline(y=0, line_color=TEACHER)
+    fig.update_layout(barmode="group", bargap=0.2, bargroupgap=0.05)
+    fig.update_xaxes(title_text="class", type="category")
+    fig.update_yaxes(title_text="student minus teacher (points)")
+    return _finish(fig, "Where the students beat the teacher (above 0) and where they fall behind",
+                   height=380)
+
+
+def bias_inheritance_bars(summary: dict) -> go.Figure:
+    """Per strategy, the share of the teacher's test mistakes that the student repeats
+    (same wrong class), mean over seeds. Lower is better."""
+    rows = [(n, e) for n, e in _strategies(summary) if e.get("bias_inheritance") is not None]
+    names = [n for n, _ in rows]
+    values = [float(e["bias_inheritance"]) for _, e in rows]
+    fig = go.Figure(go.Bar(
+        x=names, y=values, marker_color=WRONG, text=[f"{v:.0%}" for v in values],
+        textposition="outside",
+        hovertemplate="%{x}: repeats %{y:.1%} of the teacher's mistakes<extra></extra>"))
+    fig.update_xaxes(title_text="training strategy", type="category")
+    fig.update_yaxes(title_text="teacher's test mistakes copied", tickformat=".0%",
+                     range=[0, min(1.0, max(values, default=0.0) * 1.25) or 0.1])
+    fig.update_layout(showlegend=False)
+    return _finish(fig, "How many of the teacher's mistakes each student copies (lower is better)",
+                   height=360)
+
+
+def learning_curves(df: pd.DataFrame, *, per_seed: bool = False,
+                    metric: str = "test_accuracy") -> go.Figure:
+    """Test accuracy per epoch: per strategy the mean over seeds with a band from the lowest
+    to the highest seed, or (``per_seed``) one line per seed.
+
+    ``df``: columns ``strategy``, ``seed``, ``epoch`` (0-based) and ``metric``, one row per
+    run and epoch.
+    """
+    fig = go.Figure()
+    names = strategy_order(list(df["strategy"].unique())) if len(df) else []
+    for i, name in enumerate(names):
+        colour = SERIES[i % len(SERIES)]
+        part = df[df["strategy"] == name]
+        if per_seed:
+            for j, (seed, run) in enumerate(part.groupby("seed", sort=True)):
+                fig.add_trace(go.Scatter(
+                    x=run["epoch"] + 1, y=run[metric], mode="lines", name=name,
+                    line=dict(color=colour, width=1.5), legendgroup=name, showlegend=j == 0,
+                    hovertemplate=f"{name}, seed {seed}, epoch %{{x}}: %{{y:.1%}}"
+                                  "<extra></extra>"))
+            continue
+        band = part.groupby("epoch")[metric].agg(["mean", "min", "max"]).reset_index()
+        x = band["epoch"] + 1
+        fig.add_trace(go.Scatter(
+            x=pd.concat([x, x[::-1]]), y=pd.concat([band["max"], band["min"][::-1]]),
+            fill="toself", fillcolor=colour, opacity=0.15, line=dict(width=0),
+            legendgroup=name, showlegend=False, hoverinfo="skip"))
+        fig.add_trace(go.Scatter(
+            x=x, y=band["mean"], mode="lines", name=name, line=dict(color=colour, width=2),
+            legendgroup=name,
+            hovertemplate=f"{name}, epoch %{{x}}: %{{y:.1%}} (mean)<extra></extra>"))
+    fig.update_xaxes(title_text="epoch")
+    fig.update_yaxes(title_text="test accuracy", tickformat=".0%")
+    how = "one line per seed" if per_seed else "mean over seeds, band: lowest to highest seed"
+    return _finish(fig, f"Test accuracy during training ({how})", height=420)
+
+
+def job_curves(df: pd.DataFrame) -> go.Figure:
+    """One run's training loss and test accuracy per epoch, side by side (grows as it runs).
+
+    ``df``: ``RunStore.epochs(run_id)`` (columns ``epoch``, ``loss``, ``test_accuracy``, ...).
+    """
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.15,
+                        subplot_titles=("training loss", "test accuracy"))
+    x = df["epoch"] + 1
+    mode = "lines+markers" if len(df) <= 40 else "lines"
+    if "loss" in df:
+        fig.add_trace(go.Scatter(x=x, y=df["loss"], mode=mode, name="loss",
+                                 line=dict(color=TEACHER), marker=dict(size=4),
+                                 hovertemplate="epoch %{x}: loss %{y:.3f}<extra></extra>"),
+                      row=1, col=1)
+    if "test_accuracy" in df:
+        fig.add_trace(go.Scatter(x=x, y=df["test_accuracy"], mode=mode,
+                                 name="test accuracy", line=dict(color=STUDENT),
+                                 marker=dict(size=4),
+                                 hovertemplate="epoch %{x}: %{y:.1%}<extra></extra>"),
+                      row=1, col=2)
+    fig.update_xaxes(title_text="epoch")
+    fig.update_yaxes(tickformat=".0%", row=1, col=2)
+    fig = _finish(fig, "", height=230)
+    fig.update_layout(showlegend=False, margin=dict(l=10, r=10, t=30, b=10))
+    return fig
