@@ -146,21 +146,43 @@ def parse_strategy(text: str, *, normalisation: str = "batch") -> Strategy:
 
 @dataclass(frozen=True)
 class LossParts:
-    """The loss to optimise and its parts, for logging (floats are detached)."""
+    """The loss to optimise, plus what is needed to log its parts on demand.
+
+    The parts are computed only when read (detached), so the training step pays for one
+    weighted per-sample sum and nothing else.
+    """
 
     total: Tensor
-    ce: float
-    right: float
-    rect: float
-    transfer: float
     b: float
-    n_wrong: int
+    per_sample: Tensor | None = None  # detached distillation loss per row
+    ce_value: Tensor | None = None
+    masks: tuple[Tensor, Tensor, Tensor] | None = None  # right, wrong, unlabelled
+    scales: tuple[Tensor, Tensor, Tensor] | None = None  # per-row normaliser of each subset
 
+    def _term(self, i: int) -> float:
+        if self.per_sample is None:
+            return 0.0
+        return float((self.per_sample * self.masks[i] * self.scales[i]).sum())
 
-def _mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean over the masked rows; an empty subset contributes 0, never NaN."""
-    count = mask.sum()
-    return torch.where(count > 0, (values * mask).sum() / count.clamp(min=1), values.new_zeros(()))
+    @property
+    def ce(self) -> float:
+        return float(self.ce_value if self.ce_value is not None else self.total)
+
+    @property
+    def right(self) -> float:
+        return self._term(0)
+
+    @property
+    def rect(self) -> float:
+        return self._term(1)
+
+    @property
+    def transfer(self) -> float:
+        return self._term(2)
+
+    @property
+    def n_wrong(self) -> int:
+        return 0 if self.masks is None else int(self.masks[1].sum())
 
 
 def strategy_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *,
@@ -173,24 +195,28 @@ def strategy_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor
     rows (teacher argmax != label) are dropped (BE) or distilled from the swapped teacher (BR)
     with weight ``1 - b``; ``b`` follows ``dynamic_weight`` with DL and both weights are 1
     without it. Unlabelled rows always get plain Hinton KD (no bias can be identified there).
+    It is one weighted sum of one per-sample loss, whatever the parts.
     """
     labelled = labels != UNLABELLED
     safe_labels = labels.clamp(min=0)
-    ce = (F.cross_entropy(student_logits, safe_labels, reduction="none") * labelled).sum() / (
-        labelled.sum().clamp(min=1)
-    )
+    ce_rows = F.cross_entropy(student_logits, safe_labels, reduction="none")
+    n_labelled = labelled.sum()
+    ce = (ce_rows * labelled).sum() / n_labelled.clamp(min=1)
     if not strategy.distills:
-        zero = 0.0
-        return LossParts(ce, ce.item(), zero, zero, zero, 1.0, 0)
+        return LossParts(ce, 1.0)
 
-    wrong = labelled & (teacher_logits.argmax(1) != labels)
+    unlabelled = ~labelled
+    teacher, wrong = teacher_logits, torch.zeros_like(labelled)
+    if strategy.bias_aware:
+        wrong = labelled & (teacher_logits.argmax(1) != labels)
+        if strategy.br:
+            teacher = torch.where(wrong.unsqueeze(1), swap_rectify(teacher_logits, safe_labels),
+                                  teacher_logits)
     right = labelled & ~wrong
-    teacher = torch.where((wrong & strategy.br).unsqueeze(1),
-                          swap_rectify(teacher_logits, safe_labels), teacher_logits)
     base = BASE_LOSSES[strategy.base]
     options = {"alpha": dkd_alpha, "beta": dkd_beta} if strategy.base == "dkd" else {}
     per_sample = base(student_logits, teacher, safe_labels, temperature=temperature, **options)
-    if strategy.base != "kd":
+    if strategy.base != "kd" and bool(unlabelled.any()):
         transfer_ps = kd_per_sample(student_logits, teacher_logits, temperature=temperature)
         per_sample = torch.where(labelled, per_sample, transfer_ps)
 
@@ -199,20 +225,16 @@ def strategy_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor
     w_wrong = (1.0 - b if strategy.dl else 1.0) if strategy.br else 0.0
     if not strategy.bias_aware:
         w_wrong = 1.0  # vanilla: wrong rows distilled from the original teacher
-    unlabelled = ~labelled
+    masks = (right, wrong, unlabelled)
     if strategy.normalisation == "subset" and strategy.bias_aware:
-        right_term = _mean(per_sample, right)
-        rect_term = _mean(per_sample, wrong)
-        transfer_term = _mean(per_sample, unlabelled)
+        scales = tuple(1.0 / m.sum().clamp(min=1) for m in masks)  # empty subset: weight 0
     else:
-        n = per_sample.new_tensor(float(len(per_sample)))
-        right_term = (per_sample * right).sum() / n
-        rect_term = (per_sample * wrong).sum() / n
-        transfer_term = (per_sample * unlabelled).sum() / n
-    distill = w_right * right_term + w_wrong * rect_term + transfer_term
-    if strategy.base == "dkd":
-        # mdistiller's linear warm-up, with its 1-based epochs
-        distill = distill * min((epoch + 1) / dkd_warmup, 1.0) if dkd_warmup > 0 else distill
-    total = lam * ce + (1.0 - lam) * distill if labelled.any() else distill
-    return LossParts(total, ce.item(), right_term.item(), rect_term.item(),
-                     transfer_term.item(), b, int(wrong.sum()))
+        scale = per_sample.new_tensor(1.0 / len(per_sample))
+        scales = (scale, scale, scale)
+    weights = (right * (w_right * scales[0]) + wrong * (w_wrong * scales[1])
+               + unlabelled * scales[2])
+    distill = (weights * per_sample).sum()
+    if strategy.base == "dkd" and dkd_warmup > 0:
+        distill = distill * min((epoch + 1) / dkd_warmup, 1.0)  # mdistiller's 1-based warm-up
+    total = torch.where(n_labelled > 0, lam * ce + (1.0 - lam) * distill, distill)
+    return LossParts(total, b, per_sample.detach(), ce.detach(), masks, scales)

@@ -139,7 +139,7 @@ def fit(model: torch.nn.Module, config: TrainConfig, *, x_train: np.ndarray, y_t
     labelled_order, labelled_pos = torch.randperm(n, generator=gen), 0
     for epoch in range(config.epochs):
         transfer_order = torch.randperm(nu, generator=gen) if nu else None
-        sums: dict[str, float] = {}
+        loss_sum = torch.zeros((), device=device)
         for i in range(steps_per_epoch):
             cancel = should_cancel is not None and should_cancel()
             if any_across(cancel) if world > 1 else cancel:
@@ -172,15 +172,16 @@ def fit(model: torch.nn.Module, config: TrainConfig, *, x_train: np.ndarray, y_t
             if sched is not None:
                 sched.step()
             step += 1
-            for key in ("ce", "right", "rect", "transfer"):
-                sums[key] = sums.get(key, 0.0) + getattr(parts, key)
-            sums["loss"] = sums.get("loss", 0.0) + parts.total.item()
-            sums["n_wrong"] = sums.get("n_wrong", 0.0) + parts.n_wrong
+            loss_sum += parts.total.detach()
             if on_progress is not None and step % progress_every == 0:
                 on_progress(step, total, None)
-        keys = sorted(sums)
-        totals = sum_across([sums[k] for k in keys])
-        metrics = {k: v / steps_per_epoch / world for k, v in zip(keys, totals)}
+        # the epoch's mean loss, and its parts on the epoch's last batch (read only once)
+        keys = ("ce", "right", "rect", "transfer", "n_wrong")
+        values = sum_across([float(loss_sum) / steps_per_epoch]
+                            + [float(getattr(parts, k)) for k in keys])
+        metrics = {"loss": values[0] / world}
+        metrics.update({k: v / world for k, v in zip(keys, values[1:])})
+        metrics["n_wrong"] = values[-1]  # a count: summed over ranks, not averaged
         metrics["b"] = parts.b
         metrics["lr"] = opt.param_groups[0]["lr"]
         if xt is not None:
