@@ -288,26 +288,29 @@ def _strategies(summary: dict) -> list[tuple[str, dict]]:
 
 def strategy_accuracy_bars(summary: dict) -> go.Figure:
     """Mean last-epoch test accuracy per strategy, error bars one standard deviation over
-    seeds, a dashed line at the teacher. ``summary`` is ``kdcore.compare.summarise(runs)``."""
+    seeds, a dashed line at the teacher. ``summary`` is ``kdcore.compare.summarise(runs)``.
+
+    The axis starts a little below the lowest bar (differences are a few points), so the bars
+    start there too and carry their value as text.
+    """
     rows = _strategies(summary)
     names = [n for n, _ in rows]
     means = np.array([e["mean"] for _, e in rows], dtype=float)
     stds = np.array([e["std"] for _, e in rows], dtype=float)
     seeds = [len(e["seeds"]) for _, e in rows]
+    teacher = summary.get("teacher_test_accuracy")
+    lows = list(means - stds) + ([teacher] if teacher is not None else [])
+    floor = max(0.0, float(np.floor((min(lows) - 0.03) * 20) / 20)) if lows else 0.0
     fig = go.Figure(go.Bar(
-        x=names, y=means, marker_color=STUDENT,
+        x=names, y=means - floor, base=floor, marker_color=STUDENT,
         error_y=dict(type="data", array=stds, visible=True, color=TEACHER),
         text=[f"{m:.1%}" for m in means], textposition="inside", insidetextanchor="start",
-        customdata=np.stack([stds, seeds], 1) if rows else None,
-        hovertemplate=("%{x}: %{y:.1%} ± %{customdata[0]:.1%} over %{customdata[1]} seeds"
-                       "<extra></extra>")))
-    lows = list(means - stds)
-    teacher = summary.get("teacher_test_accuracy")
+        customdata=np.stack([means, stds, seeds], 1) if rows else None,
+        hovertemplate=("%{x}: %{customdata[0]:.1%} ± %{customdata[1]:.1%} over "
+                       "%{customdata[2]} seeds<extra></extra>")))
     if teacher is not None:
         fig.add_hline(y=teacher, line_dash="dash", line_color=TEACHER,
                       annotation_text=f"teacher {teacher:.1%}", annotation_position="top left")
-        lows.append(teacher)
-    floor = max(0.0, min(lows) - 0.05) if lows else 0.0
     fig.update_xaxes(title_text="training strategy", type="category")
     fig.update_yaxes(title_text="test accuracy, last epoch (axis not from 0)",
                      tickformat=".0%", range=[floor, 1.0])
@@ -428,27 +431,122 @@ def learning_curves(df: pd.DataFrame, *, per_seed: bool = False,
 
 
 def job_curves(df: pd.DataFrame) -> go.Figure:
-    """One run's training loss and test accuracy per epoch, side by side (grows as it runs).
+    """Training loss and test accuracy per epoch, side by side, as runs train.
 
-    ``df``: ``RunStore.epochs(run_id)`` (columns ``epoch``, ``loss``, ``test_accuracy``, ...).
+    ``df``: ``RunStore.epochs(run_id)`` (columns ``epoch``, ``loss``, ``test_accuracy``, ...)
+    for one run, or several runs' rows with a ``job`` column naming each (one line per job,
+    the same colour in both panels).
     """
-    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.15,
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12,
                         subplot_titles=("training loss", "test accuracy"))
-    x = df["epoch"] + 1
-    mode = "lines+markers" if len(df) <= 40 else "lines"
-    if "loss" in df:
-        fig.add_trace(go.Scatter(x=x, y=df["loss"], mode=mode, name="loss",
-                                 line=dict(color=TEACHER), marker=dict(size=4),
-                                 hovertemplate="epoch %{x}: loss %{y:.3f}<extra></extra>"),
-                      row=1, col=1)
-    if "test_accuracy" in df:
-        fig.add_trace(go.Scatter(x=x, y=df["test_accuracy"], mode=mode,
-                                 name="test accuracy", line=dict(color=STUDENT),
-                                 marker=dict(size=4),
-                                 hovertemplate="epoch %{x}: %{y:.1%}<extra></extra>"),
-                      row=1, col=2)
+    jobs = list(df.groupby("job", sort=False)) if "job" in df else [("", df)]
+    for i, (job, part) in enumerate(jobs):
+        colour = SERIES[i % len(SERIES)] if len(jobs) > 1 else STUDENT
+        x = part["epoch"] + 1
+        mode = "lines+markers" if len(part) <= 40 else "lines"
+        name = job or "this run"
+        for col, metric, label in ((1, "loss", "loss %{y:.3g}"), (2, "test_accuracy", "%{y:.1%}")):
+            if metric in part:
+                fig.add_trace(go.Scatter(
+                    x=x, y=part[metric], mode=mode, name=name, legendgroup=name,
+                    showlegend=col == 1 and len(jobs) > 1, line=dict(color=colour, width=1.5),
+                    marker=dict(size=4),
+                    hovertemplate=f"{name}, epoch %{{x}}: {label}<extra></extra>"), row=1, col=col)
     fig.update_xaxes(title_text="epoch")
     fig.update_yaxes(tickformat=".0%", row=1, col=2)
-    fig = _finish(fig, "", height=230)
-    fig.update_layout(showlegend=False, margin=dict(l=10, r=10, t=30, b=10))
+    fig = _finish(fig, "", height=330 if len(jobs) > 1 else 230)
+    fig.update_layout(margin=dict(l=10, r=10, t=30, b=10),
+                      legend=dict(orientation="h", x=0, xanchor="left", y=-0.3, yanchor="top"))
     return fig
+
+
+# --- roi
+# Figures for the ROI page, from ``kdcore.roi.strategy_points`` frames and ``kdcore.roi``
+# documents. Size and latency axes are logarithmic: a teacher is often 100x the student.
+
+_ROI_AXES = {
+    "size_bytes": ("serialized size (bytes, log scale)", "size"),
+    "latency_ms_p50": ("latency at batch 1, median ms (log scale)", "latency"),
+}
+
+
+def _log_ticks(lo: float, hi: float) -> tuple[list[float], list[float]]:
+    """A log-axis range around [lo, hi] and readable 1-2-5 ticks inside it."""
+    pad = 0.3 + 0.25 * (np.log10(hi) - np.log10(lo))  # room for the labels on both sides
+    left, right = np.log10(lo) - pad, np.log10(hi) + 0.2 + 0.1 * pad
+    ticks = [m * 10.0 ** k for k in range(int(np.floor(left)), int(np.ceil(right)) + 1)
+             for m in (1, 2, 5) if left <= np.log10(m * 10.0 ** k) <= right]
+    return [left, right], ticks
+
+
+def _tick_text(value: float, column: str) -> str:
+    if column == "size_bytes":
+        for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+            if value >= scale:
+                return f"{value / scale:g} {unit}"
+        return f"{value:g} B"
+    return f"{value:g} ms"
+
+
+def roi_scatter(points: pd.DataFrame, x: str = "size_bytes") -> go.Figure:
+    """Accuracy against size (``x="size_bytes"``) or latency (``x="latency_ms_p50"``): the
+    teacher as a grey diamond, each student strategy as a dot with ± std over seeds.
+
+    ``points``: ``kdcore.roi.strategy_points`` (columns ``model``, ``kind``, ``accuracy``,
+    ``accuracy_std``, ``seeds``, ``size_bytes``, ``latency_ms_p50``, ...). Every strategy
+    trains the same architecture, so the students share one x; labels alternate sides.
+    """
+    if x not in _ROI_AXES:
+        raise ValueError(f"x must be one of {sorted(_ROI_AXES)}")
+    title_x, what = _ROI_AXES[x]
+    fig = go.Figure()
+    teacher = points[points["kind"] == "teacher"]
+    students = points[points["kind"] == "student"].reset_index(drop=True)
+    unit = "ms" if x == "latency_ms_p50" else "bytes"
+    if len(teacher):
+        fig.add_trace(go.Scatter(
+            x=teacher[x], y=teacher["accuracy"], mode="markers+text", name="teacher",
+            text=["teacher"], textposition="top center",
+            marker=dict(size=16, color=TEACHER, symbol="diamond"),
+            hovertemplate=f"teacher: %{{y:.1%}} at %{{x:,.4g}} {unit}<extra></extra>"))
+    if len(students):
+        ranked = students["accuracy"].rank(method="first").astype(int)
+        sides = ["middle right" if r % 2 else "middle left" for r in ranked]
+        fig.add_trace(go.Scatter(
+            x=students[x], y=students["accuracy"], mode="markers+text",
+            name="students (one per strategy)", text=students["model"], textposition=sides,
+            error_y=dict(type="data", array=students["accuracy_std"], visible=True,
+                         color=SUPPORT, thickness=1),
+            customdata=np.stack([students["accuracy_std"], students["seeds"]], 1),
+            hovertemplate=("%{text}: %{y:.1%} ± %{customdata[0]:.1%} over %{customdata[1]} "
+                           f"seeds at %{{x:,.4g}} {unit}<extra></extra>"),
+            marker=dict(size=11, color=STUDENT)))
+    values = points[x].astype(float)
+    values = values[values > 0]
+    if len(values):
+        axis_range, ticks = _log_ticks(float(values.min()), float(values.max()))
+        fig.update_xaxes(type="log", range=axis_range, tickvals=ticks,
+                         ticktext=[_tick_text(v, x) for v in ticks])
+    fig.update_xaxes(title_text=title_x)
+    fig.update_yaxes(title_text="test accuracy (mean over seeds)", tickformat=".0%")
+    return _finish(fig, f"Accuracy against {what} (better: up and left)", height=420)
+
+
+def roi_cost_bars(cost: dict, student: str = "student") -> go.Figure:
+    """Monthly serving cost of the teacher and the student from a ``kdcore.roi`` ``cost``
+    object (``teacher_monthly``, ``student_monthly``, ``saving_monthly``)."""
+    values = [float(cost["teacher_monthly"]), float(cost["student_monthly"])]
+
+    def money(v: float) -> str:
+        return f"${v:,.2f}" if v >= 1 or v == 0 else f"${v:.3g}"
+
+    fig = go.Figure(go.Bar(
+        x=["teacher", f"student ({student})"], y=values, marker_color=[TEACHER, STUDENT],
+        text=[money(v) for v in values], textposition="outside",
+        hovertemplate="%{x}: $%{y:,.4g} a month<extra></extra>"))
+    top = max(values) if max(values) > 0 else 1.0
+    fig.update_yaxes(title_text="serving cost, $ a month", tickprefix="$", range=[0, top * 1.25])
+    fig.update_layout(showlegend=False, bargap=0.45)
+    saving = float(cost["saving_monthly"])
+    what = f"saving {money(saving)}" if saving >= 0 else f"the student costs {money(-saving)} more"
+    return _finish(fig, f"Monthly serving cost ({what} a month)", height=360)

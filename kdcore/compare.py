@@ -6,6 +6,7 @@ queued and trained in parallel worker processes (one thread each).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -132,12 +133,18 @@ def verdict(summary: dict) -> str:
     delta, n = best["delta_vs_kd"], len(best["seeds"])
     ci = delta["ci95"]
     interval = f" (95% interval {_pts(ci[0])} to {_pts(ci[1])} points over {n} seeds)" if ci else ""
-    if ci and ci[0] > 0:
+    if ci is None:
+        head = (f"{name} is {_pts(delta['mean'])} points against vanilla KD on one seed, too "
+                "few to tell; run more seeds")
+    elif ci[0] > 0:
         head = f"{name} beats vanilla KD by {_pts(delta['mean'])} points{interval}"
-    elif ci and ci[1] < 0:
-        head = f"Bias-aware distillation does not pay here: its best, {name}, loses to vanilla KD by {_pts(delta['mean'])} points{interval}"
+    elif ci[1] < 0:
+        head = (f"Bias-aware distillation does not pay here: its best, {name}, loses to "
+                f"vanilla KD by {_pts(delta['mean'])} points{interval}")
     else:
-        head = f"No clear difference: the best bias-aware strategy, {name}, is {_pts(delta['mean'])} points against vanilla KD{interval}, an interval that includes 0"
+        head = (f"No clear difference: the best bias-aware strategy, {name}, is "
+                f"{_pts(delta['mean'])} points against vanilla KD{interval}, an interval that "
+                "includes 0")
     kd_inherit, inherit = strategies[BASELINE]["bias_inheritance"], best["bias_inheritance"]
     tail = ""
     if kd_inherit is not None and inherit is not None:
@@ -156,3 +163,65 @@ def compare(bundle: Bundle, store: RunStore, strategies: Sequence[str], seeds: S
     """Plan, run what is missing, and summarise."""
     configs = plan(bundle, strategies, seeds, **overrides)
     return summarise(run_all(store, configs, workers=workers, on_done=on_done))
+
+
+# Config fields that vary inside one comparison; every other field must match.
+_VARYING = ("strategy", "seed", "normalisation", "device")
+# Settings named in a comparison's label, in this order (others are named when they differ).
+_SHOWN = {"epochs": "{} epochs", "temperature": "T={:g}", "lam": "λ={:g}", "lr": "lr={:g}"}
+
+
+def _normalisation_matters(run: Run) -> bool:
+    """Normalisation changes only the bias-aware parts; btkd always uses subset."""
+    try:
+        return run.strategy != "btkd" and parse_strategy(run.strategy or "").bias_aware
+    except KDCoreError:
+        return False
+
+
+def _settings(run: Run) -> tuple:
+    return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in run.config.items()
+                        if k not in _VARYING))
+
+
+def comparable_groups(runs: Sequence[Run]) -> dict[str, list[Run]]:
+    """Finished runs split into comparisons with identical settings, largest first.
+
+    Runs whose strategy ignores normalisation (ce, kd, dkd, btkd) join every comparison with
+    otherwise equal settings, so kd is the baseline of both a batch and a subset comparison.
+    Within a comparison the newest run of each (strategy, seed) counts.
+    """
+    by_settings: dict[tuple, list[Run]] = {}
+    for run in sorted(runs, key=lambda r: r.created_at):
+        by_settings.setdefault(_settings(run), []).append(run)
+    groups: list[tuple[str, list[Run]]] = []
+    differing = _differing_keys(list(by_settings))
+    for settings, members in by_settings.items():
+        norms = sorted({r.config.get("normalisation", "batch") for r in members
+                        if _normalisation_matters(r)}) or [None]
+        for norm in norms:
+            chosen = [r for r in members if norm is None or not _normalisation_matters(r)
+                      or r.config.get("normalisation") == norm]
+            newest = {(r.strategy, r.seed): r for r in chosen}
+            groups.append((_label(dict(settings), differing, norm), list(newest.values())))
+    groups.sort(key=lambda item: -len(item[1]))
+    return dict(groups)
+
+
+def _differing_keys(settings: list[tuple]) -> list[str]:
+    values: dict[str, set[str]] = {}
+    for entry in settings:
+        for key, value in entry:
+            values.setdefault(key, set()).add(value)
+    return sorted(k for k, v in values.items()
+                  if len(v) > 1 and k not in _SHOWN and k != "bundle")
+
+
+def _label(settings: dict[str, str], differing: list[str], norm: str | None) -> str:
+    values = {k: json.loads(v) for k, v in settings.items()}
+    parts = [Path(str(values.get("bundle", "?"))).name]
+    parts += [fmt.format(values[k]) for k, fmt in _SHOWN.items() if k in values]
+    parts += [f"{k}={values[k]}" for k in differing if k in values]
+    if norm is not None:
+        parts.append(f"{norm} normalisation")
+    return " · ".join(parts)

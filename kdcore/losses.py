@@ -166,7 +166,7 @@ class LossParts:
 
     @property
     def ce(self) -> float:
-        return float(self.ce_value if self.ce_value is not None else self.total)
+        return float(self.ce_value if self.ce_value is not None else self.total.detach())
 
     @property
     def right(self) -> float:
