@@ -1,7 +1,9 @@
 """Teacher-bias analysis of any source: a dataset bundle or a prediction table, split by split.
 
 Both kinds of input become one ``PredictionTable`` so the CLI, the dashboard and the report
-analyse them the same way.
+analyse them the same way. A large Parquet table is streamed instead (:func:`analyze_stream`):
+chunk by chunk into one :class:`~kdcore.bias.BiasAccumulator` per split, so at most one chunk
+of outputs is in memory, and the document is the same as :func:`analyze` gives.
 """
 
 from __future__ import annotations
@@ -9,11 +11,26 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
 
-from kdcore.bias import BiasReport, decompose, predicted_distribution
+from kdcore.bias import BiasAccumulator, BiasReport, decompose, predicted_distribution
 from kdcore.bundles import Bundle, is_bundle, load_bundle
 from kdcore.errors import DataError
-from kdcore.tables import PredictionTable, read_prediction_table
+from kdcore.tables import (
+    DEFAULT_MAX_BYTES,
+    LOGIT_PREFIX,
+    PROB_PREFIX,
+    SPLITS,
+    PredictionTable,
+    iter_parquet_chunks,
+    read_prediction_table,
+)
+
+# Parquet tables with more rows than this (by the file's metadata) are streamed.
+STREAM_ROWS = 2_000_000
+# Rows per streamed chunk: about this many output values (64 MB of float32), at most 1,000,000.
+STREAM_CHUNK_VALUES = 1 << 24
 
 SPLIT_MEANING = {
     "train": "distillation data (labelled): what the bias-aware loss acts on",
@@ -45,9 +62,11 @@ def load_predictions(path: str | Path | None = None) -> PredictionTable:
         return bundle_table(load_bundle(path))
     path = Path(path)
     if not path.exists():
-        raise DataError(f"{path}: no such file or folder; pass a bundle folder or a CSV/Parquet table")
+        raise DataError(f"{path}: no such file or folder; pass a bundle folder or a "
+                        "CSV/Parquet table")
     if path.is_dir():
-        raise DataError(f"{path}: a folder without manifest.json; pass a bundle folder or a CSV/Parquet table")
+        raise DataError(f"{path}: a folder without manifest.json; pass a bundle folder or a "
+                        "CSV/Parquet table")
     return read_prediction_table(path)
 
 
@@ -65,7 +84,8 @@ def report(table: PredictionTable) -> BiasReport:
     """Decompose the labelled rows of a table."""
     labelled = table.labels >= 0
     if not labelled.any():
-        raise DataError(f"{table.source}: no labelled rows to analyse; add labels or pick another split")
+        raise DataError(f"{table.source}: no labelled rows to analyse; add labels or pick "
+                        "another split")
     outputs = table.outputs if labelled.all() else table.outputs[labelled]
     labels = table.labels if labelled.all() else table.labels[labelled]
     return decompose(labels, outputs, class_names=table.class_names,
@@ -100,3 +120,169 @@ def analyze(table: PredictionTable, *, split: str | None = None, top: int = 10) 
             entry["meaning"] = SPLIT_MEANING[name]
             doc["splits"][name] = entry
     return doc
+
+
+# ----------------------------------------------------------------------------- large files
+
+
+def should_stream(path: str | Path | None, stream: bool | None = None) -> bool:
+    """Whether ``analyze_path`` streams ``path``: a Parquet file with more than STREAM_ROWS
+    rows (by its metadata) or over the in-memory size limit, or any Parquet file when ``stream``
+    is True. ``stream=False`` never streams. Raises DataError if streaming is asked of a file
+    that is not Parquet."""
+    if path is not None and not Path(path).exists():
+        return False  # the in-memory reader says so
+    if stream is False or path is None or is_bundle(path) or not Path(path).is_file():
+        if stream:
+            raise DataError(f"{Path(path).name if path else 'the sample'}: --stream reads "
+                            "Parquet files only; leave it out for a bundle or a CSV file")
+        return False
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            parquet = fh.read(4) == b"PAR1"
+    except OSError:
+        return False  # the in-memory reader explains
+    if not parquet:
+        if stream:
+            raise DataError(f"{path.name}: --stream reads Parquet files only, and this is not "
+                            "one; convert it to Parquet or leave --stream out")
+        return False
+    if stream:
+        return True
+    try:
+        if path.stat().st_size > DEFAULT_MAX_BYTES:
+            return True
+        with pq.ParquetFile(str(path)) as pf:
+            return pf.metadata.num_rows > STREAM_ROWS
+    except Exception:
+        return False  # the in-memory reader explains what is wrong with the file
+
+
+def analyze_path(path: str | Path | None = None, *, split: str | None = None, top: int = 10,
+                 stream: bool | None = None) -> dict:
+    """``kdcore analyze``: a bundle or table in memory, or a large Parquet table streamed."""
+    if should_stream(path, stream):
+        return analyze_stream(path, split=split, top=top)
+    return analyze(load_predictions(path), split=split, top=top)
+
+
+class _Part:
+    """What one split (or the whole file) needs for its entry: counts only."""
+
+    def __init__(self, n_classes: int, class_names: list[str], probabilities: bool) -> None:
+        self.accumulator = BiasAccumulator(n_classes, class_names=class_names,
+                                           probabilities=probabilities)
+        self.n_rows = 0
+        self.n_labelled = 0
+        # predicted classes of the unlabelled rows; a part without labelled rows reports these
+        self.predicted = np.zeros(n_classes, dtype=np.int64)
+        self.class_names = class_names
+        self.probabilities = probabilities
+
+    def add(self, labels: np.ndarray, outputs: np.ndarray) -> None:
+        self.n_rows += len(labels)
+        labelled = labels >= 0
+        n_labelled = int(labelled.sum())
+        if n_labelled:
+            every = n_labelled == len(labels)
+            self.accumulator.update(labels if every else labels[labelled],
+                                    outputs if every else outputs[labelled])
+            self.n_labelled += n_labelled
+        if n_labelled < len(labels):
+            rest = outputs if not n_labelled else outputs[~labelled]
+            dist = predicted_distribution(rest, class_names=self.class_names,
+                                          probabilities=self.probabilities)
+            self.predicted += dist["count"].to_numpy(dtype=np.int64)
+
+    def merge(self, other: _Part) -> None:
+        """Add another part's counts (BiasAccumulator keeps only counts and sums)."""
+        self.n_rows += other.n_rows
+        self.n_labelled += other.n_labelled
+        self.predicted += other.predicted
+        self.accumulator._confusion += other.accumulator._confusion
+        self.accumulator._wrong_confidence += other.accumulator._wrong_confidence
+
+    def entry(self, top: int) -> dict:
+        """The same keys as ``report(...).to_dict()``, or ``split_summary(...)`` if unlabelled."""
+        if self.n_labelled:
+            return self.accumulator.report().to_dict(top=top)
+        n = self.n_rows
+        dist = pd.DataFrame({"class": self.class_names, "count": self.predicted,
+                             "share": self.predicted / n})
+        return {"n_samples": n, "labelled": False,
+                "predicted_distribution": dist.to_dict(orient="records")}
+
+
+def analyze_stream(path: str | Path, *, split: str | None = None, top: int = 10,
+                   batch_rows: int | None = None) -> dict:
+    """:func:`analyze` of a Parquet prediction table, read chunk by chunk.
+
+    Memory holds one chunk of rows (``batch_rows``; by default about STREAM_CHUNK_VALUES
+    output values) plus K x K counts per split. Every chunk is validated like the in-memory
+    reader does, with row numbers counted from the start of the file. The result equals
+    ``analyze(read_prediction_table(path), split=split, top=top)`` (up to float rounding in
+    the mean confidences, which are summed in a different order).
+    """
+    chunks = iter_parquet_chunks(path, batch_rows=batch_rows or _batch_rows(path))
+    parts: dict[str, _Part] = {}
+    unsplit: _Part | None = None
+    source, names, kind = None, None, None
+    for chunk in chunks:
+        if names is None:
+            source, names = chunk.source, list(chunk.class_names)
+            kind = chunk.probabilities
+        if chunk.split is None:
+            if unsplit is None:
+                unsplit = _Part(len(names), names, kind)
+            unsplit.add(chunk.labels, chunk.outputs)
+            continue
+        values = chunk.split
+        for name in SPLITS:
+            mask = values == name
+            if not mask.any():
+                continue
+            part = parts.get(name)
+            if part is None:
+                part = parts[name] = _Part(len(names), names, kind)
+            if mask.all():
+                part.add(chunk.labels, chunk.outputs)
+            else:
+                part.add(chunk.labels[mask], chunk.outputs[mask])
+    present = [s for s in SPLITS if s in parts]
+    if split is not None and split not in present:
+        have = ", ".join(present) or "none (no split column)"
+        raise DataError(f"{source}: no rows in split {split!r}; splits present: {have}")
+    if split is not None:
+        chosen = parts[split]
+    elif unsplit is not None:
+        chosen = unsplit
+    else:
+        chosen = _Part(len(names), names, kind)
+        for name in present:
+            chosen.merge(parts[name])
+
+    doc = {"source": source, "split": split}
+    entry = chosen.entry(top)
+    if chosen.n_labelled:
+        doc.update(entry)
+    else:
+        doc.update(entry, n_classes=len(names), class_names=names)
+    if split is None and len(present) > 1:
+        doc["splits"] = {}
+        for name in present:
+            item = parts[name].entry(top)
+            item["meaning"] = SPLIT_MEANING[name]
+            doc["splits"][name] = item
+    return doc
+
+
+def _batch_rows(path: str | Path) -> int:
+    """Rows per chunk for about STREAM_CHUNK_VALUES outputs (the file's class count)."""
+    try:
+        with pq.ParquetFile(str(path)) as pf:
+            names = pf.schema_arrow.names
+    except Exception:
+        return 1_000_000  # iter_parquet_chunks reports the problem
+    k = sum(1 for c in names if c.startswith(LOGIT_PREFIX) or c.startswith(PROB_PREFIX))
+    return int(min(1_000_000, max(1_000, STREAM_CHUNK_VALUES // max(k, 1))))

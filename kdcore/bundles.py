@@ -72,12 +72,13 @@ class Bundle:
 
     @cached_property
     def arrays(self) -> dict[str, np.ndarray]:
-        file = self.path / self.manifest["data"]
+        file = self.member(self.manifest["data"])
         try:
             with np.load(file, allow_pickle=False) as data:
                 arrays = {key: data[key] for key in data.files}
         except (OSError, ValueError, zipfile.BadZipFile) as exc:
-            raise DataError(f"{file}: cannot read the bundle's arrays ({exc}); rebuild it") from None
+            raise DataError(
+                f"{file}: cannot read the bundle's arrays ({exc}); rebuild it") from None
         self._check(arrays, file)
         return arrays
 
@@ -100,19 +101,31 @@ class Bundle:
         name = self.manifest.get("analysis_only_labels")
         if not name:
             return {}
-        with np.load(self.path / name, allow_pickle=False) as data:
+        with np.load(self.member(name), allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
 
     def load_teacher(self) -> torch.nn.Module:
         """The teacher in eval mode, weights loaded without unpickling code."""
-        weights = self.path / self.manifest["teacher"]["weights"]
+        weights = self.member(self.manifest["teacher"]["weights"])
         model = build_model(self.teacher_spec)
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
             model.load_state_dict(state)
         except (OSError, RuntimeError, KeyError) as exc:
-            raise DataError(f"{weights}: cannot load teacher weights ({exc}); rebuild the bundle") from None
+            raise DataError(
+                f"{weights}: cannot load teacher weights ({exc}); rebuild the bundle") from None
         return model.eval()
+
+    def member(self, name: object) -> Path:
+        """A file the manifest names, which must lie inside the bundle folder."""
+        if not isinstance(name, str) or not name:
+            raise DataError(f"{self.path / 'manifest.json'}: a file reference is {name!r}; "
+                            "name a file inside the bundle folder")
+        file = (self.path / name).resolve()
+        if not file.is_relative_to(self.path.resolve()):
+            raise DataError(f"{self.path / 'manifest.json'}: {name!r} points outside the bundle "
+                            "folder; keep the bundle's files inside it")
+        return file
 
     def _check(self, arrays: dict[str, np.ndarray], file: Path) -> None:
         for split in ("train", "test"):
@@ -131,14 +144,17 @@ class Bundle:
                 )
             if not np.isfinite(logits).all():
                 row = int(np.flatnonzero(~np.isfinite(logits).all(1))[0])
-                raise DataError(f"{file}: teacher_logits_{split} row {row} is NaN or inf; fix the teacher outputs")
+                raise DataError(f"{file}: teacher_logits_{split} row {row} is NaN or inf; "
+                                "fix the teacher outputs")
             labels = arrays.get(f"y_{split}")
             if labels is not None:
                 bad = np.flatnonzero((labels < 0) | (labels >= self.n_classes))
                 if len(labels) != n or len(bad):
-                    where = f"row {int(bad[0])}" if len(bad) else f"{len(labels)} labels for {n} rows"
+                    where = (f"row {int(bad[0])}" if len(bad)
+                             else f"{len(labels)} labels for {n} rows")
                     raise DataError(
-                        f"{file}: y_{split} {where} is not a class index in [0, {self.n_classes}); fix the labels"
+                        f"{file}: y_{split} {where} is not a class index in "
+                        f"[0, {self.n_classes}); fix the labels"
                     )
 
 
@@ -149,16 +165,19 @@ def load_bundle(path: str | Path | None = None) -> Bundle:
         path = path.parent
     manifest_file = path / "manifest.json"
     if not manifest_file.is_file():
-        raise DataError(f"{path}: no manifest.json; a bundle is a folder with manifest.json and its arrays")
+        raise DataError(f"{path}: no manifest.json; a bundle is a folder with manifest.json "
+                        "and its arrays")
     try:
         manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{manifest_file}: not valid JSON ({exc}); fix or rebuild the manifest") from None
+        raise DataError(
+            f"{manifest_file}: not valid JSON ({exc}); fix or rebuild the manifest") from None
     if not isinstance(manifest, dict):
         raise DataError(f"{manifest_file}: must be a JSON object; see sample_data/{SAMPLE_NAME}")
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
     if missing:
-        raise DataError(f"{manifest_file}: missing key {missing[0]!r}; see sample_data/{SAMPLE_NAME}/manifest.json")
+        raise DataError(f"{manifest_file}: missing key {missing[0]!r}; "
+                        f"see sample_data/{SAMPLE_NAME}/manifest.json")
     if len(manifest["class_names"]) < 2:
         raise DataError(f"{manifest_file}: class_names needs at least two classes")
     return Bundle(path=path.resolve(), manifest=manifest)
@@ -167,3 +186,32 @@ def load_bundle(path: str | Path | None = None) -> Bundle:
 def is_bundle(path: str | Path) -> bool:
     path = Path(path)
     return (path / "manifest.json").is_file() or path.name == "manifest.json"
+
+
+_TABULAR_OPTIONS = ("label_column", "teacher_logits", "split_column", "test_size", "split_seed",
+                    "hidden")
+
+
+def load_dataset(path: str | Path | None = None, **data_options):
+    """The training data behind a path: a bundle folder, or a CSV/Parquet tabular file.
+
+    ``data_options`` are the tabular options (``label_column`` (default ``label``),
+    ``teacher_logits``, ``split_column``, ``test_size``, ``split_seed``, ``hidden``), as stored
+    in a run's ``TrainConfig.data_options``; a bundle takes none. None loads the bundled sample.
+    """
+    given = {k: v for k, v in data_options.items() if v is not None}
+    unknown = sorted(set(given) - set(_TABULAR_OPTIONS))
+    if unknown:
+        raise DataError(f"unknown data option {unknown[0]!r}; use {', '.join(_TABULAR_OPTIONS)}")
+    if path is None or is_bundle(path) or Path(path).is_dir():
+        if given:
+            flag = "--" + next(iter(given)).replace("_", "-")
+            raise DataError(f"{Path(path).name if path else SAMPLE_NAME}: {flag} applies to CSV "
+                            "or Parquet files, not to a bundle folder; leave it out")
+        return load_bundle(path)
+    from kdcore.tabular import load_tabular
+
+    given.setdefault("label_column", "label")
+    if "split_seed" in given:
+        given["seed"] = given.pop("split_seed")
+    return load_tabular(path, **given)

@@ -1,4 +1,4 @@
-"""The ``kdcore`` command line: demo, analyze, train, compare, runs, dashboard.
+"""The ``kdcore`` command line: demo, analyze, train, compare, runs, roi, report, dashboard.
 
 With ``--json`` a command prints one JSON document on stdout and nothing else. Errors are one
 line on stderr: exit status 2 for bad input, 1 for an internal failure.
@@ -59,9 +59,9 @@ def _progress(enabled: bool, total: int, desc: str, unit: str):
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from kdcore.analysis import analyze, load_predictions
+    from kdcore.analysis import analyze_path
 
-    doc = analyze(load_predictions(args.path), split=args.split, top=args.top)
+    doc = analyze_path(args.path, split=args.split, top=args.top, stream=args.stream or None)
     if args.json:
         emit_json(doc)
         return 0
@@ -98,14 +98,39 @@ def _train_overrides(args: argparse.Namespace) -> dict:
     }
 
 
+def _hidden(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise DataError(f"--hidden {text!r}: give the student's hidden layer sizes as positive "
+                        "whole numbers, e.g. --hidden 64 or --hidden 64,32")
+    return sizes
+
+
+def _load_training_data(args: argparse.Namespace):
+    """A bundle folder, or a CSV/Parquet tabular file with the --label-column ... options."""
+    from kdcore.bundles import load_dataset
+
+    return load_dataset(
+        args.bundle, label_column=getattr(args, "label_column", None),
+        teacher_logits=getattr(args, "teacher_logits", None),
+        split_column=getattr(args, "split_column", None),
+        test_size=getattr(args, "test_size", None),
+        split_seed=getattr(args, "split_seed", None),
+        hidden=_hidden(getattr(args, "hidden", None)))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from kdcore import distributed
-    from kdcore.bundles import load_bundle
     from kdcore.jobs import execute_distributed, execute_run
     from kdcore.runs import RunStore
     from kdcore.train import Cancelled, TrainConfig
 
-    bundle = load_bundle(args.bundle)
+    bundle = _load_training_data(args)
     config = TrainConfig.for_bundle(bundle, strategy=args.strategy, seed=args.seed,
                                     **_train_overrides(args))
     store = RunStore(args.workspace)
@@ -163,11 +188,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _run_compare(args: argparse.Namespace, strategies: list[str], seeds: int,
                  overrides: dict) -> dict:
-    from kdcore.bundles import load_bundle
     from kdcore.compare import compare
     from kdcore.runs import RunStore
 
-    bundle = load_bundle(args.bundle)
+    bundle = _load_training_data(args)
     store = RunStore(args.workspace)
     bar = _progress(not args.quiet, len(strategies) * seeds, "training students", "run")
     reused = []
@@ -301,6 +325,65 @@ def cmd_runs(args: argparse.Namespace) -> int:
     raise DataError(f"unknown action {action!r}; use list, show, rm or cancel")
 
 
+# ----------------------------------------------------------------------------- roi / report
+
+
+def _assumptions(args: argparse.Namespace):
+    from kdcore.roi import CostAssumptions
+
+    return CostAssumptions(requests_per_month=args.requests_per_month,
+                           cost_per_hour=args.cost_per_hour, utilisation=args.utilisation)
+
+
+def cmd_roi(args: argparse.Namespace) -> int:
+    from kdcore.roi import format_money, public, roi, roi_table
+    from kdcore.runs import RunStore
+
+    doc = roi(RunStore(args.workspace), args.bundle, args.run, assumptions=_assumptions(args),
+              threads=args.threads, repeats=args.repeats)
+    if args.json:
+        emit_json(public(doc))
+        return 0
+    m, a = doc["measurement"], doc["cost"]["assumptions"]
+    print(f"{doc['bundle']}: teacher vs student run {doc['run_id']} ({doc['strategy']}), "
+          f"measured now on this machine ({m['device']}, {m['threads']} thread(s))\n")
+    print(roi_table(doc).to_string(index=False))
+    print(f"\nAssumptions: {a['requests_per_month']:,.0f} requests a month, "
+          f"{format_money(a['cost_per_hour'])} per machine-hour, {a['utilisation']:.0%} "
+          f"utilisation (change with --requests-per-month, --cost-per-hour, --utilisation).")
+    print(f"Cost model: {a['model']}.")
+    print(f"\n{doc['summary']}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from kdcore.report import build_report, static_renderer_problem, write_report
+    from kdcore.runs import RunStore
+
+    suffix = Path(args.out).suffix.lower().lstrip(".") if args.out else ""
+    args.format = args.format or (suffix if suffix in ("pdf", "png") else "html")
+    out = args.out or f"kdcore-report.{args.format}"
+    if args.format != "html":  # say so before measuring anything
+        problem = static_renderer_problem()
+        if problem:
+            raise DataError(problem)
+    data = build_report(RunStore(args.workspace), args.bundle, args.run,
+                        assumptions=_assumptions(args), threads=args.threads)
+    written = write_report(data, out, args.format)
+    if args.json:
+        emit_json({"files": [str(p) for p in written], "format": args.format,
+                   "bundle": data.bundle.name, "runs": [r.id for r in data.runs],
+                   "students_trained": bool(data.runs),
+                   "roi_run_id": data.roi["run_id"] if data.roi else None})
+        return 0
+    for path in written:
+        print(path)
+    if not data.runs:
+        print("note: no students were trained yet; the report holds the teacher-bias analysis "
+              "only (run `kdcore demo` first)", file=sys.stderr)
+    return 0
+
+
 # ----------------------------------------------------------------------------- dashboard
 
 
@@ -331,6 +414,17 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
                    help="batch (default) or subset (the paper's); see README")
     g.add_argument("--batch-size", type=int)
     g.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    t = p.add_argument_group("tabular data (a CSV/Parquet file instead of a bundle folder)")
+    t.add_argument("--label-column", help="the column with each row's class (default: label)")
+    t.add_argument("--teacher-logits", metavar="PATH",
+                   help="a file of sample_id + logit_<class> columns, joined on sample_id "
+                        "(default: logit_<class> columns in the data file)")
+    t.add_argument("--hidden", help="the student MLP's hidden sizes, e.g. 64,32 (default: 64)")
+    t.add_argument("--split-column", help="the column with train/unlabelled/test (default: "
+                                          "split; without it, a stratified random split)")
+    t.add_argument("--test-size", type=float,
+                   help="share of each class held out as test without a split column (0.3)")
+    t.add_argument("--split-seed", type=int, help="seed of that random split (default: 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -357,10 +451,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", nargs="?", help="bundle folder or CSV/Parquet table (default: the sample)")
     p.add_argument("--split", choices=["train", "unlabelled", "test"])
     p.add_argument("--top", type=int, default=10, help="how many top confusions")
+    p.add_argument("--stream", action="store_true",
+                   help="read a Parquet table chunk by chunk (automatic above 2,000,000 rows)")
     p.add_argument("--json", action="store_true")
 
     p = command("train", cmd_train, "train one student and record the run", quiet=True)
-    p.add_argument("bundle", nargs="?", help="bundle folder (default: the sample)")
+    p.add_argument("bundle", nargs="?",
+                   help="bundle folder or CSV/Parquet tabular file (default: the sample)")
     p.add_argument("--strategy", default="kd+be+br+dl",
                    help="ce, kd, dkd, each with +be +br +dl; or btkd (the paper's exact recipe)")
     p.add_argument("--seed", type=int, default=0)
@@ -372,7 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("compare", cmd_compare, "compare strategies over seeds, paired against kd",
                 quiet=True)
-    p.add_argument("bundle", nargs="?", help="bundle folder (default: the sample)")
+    p.add_argument("bundle", nargs="?",
+                   help="bundle folder or CSV/Parquet tabular file (default: the sample)")
     p.add_argument("--strategies", default="ce,kd,kd+be,kd+be+br,kd+be+br+dl")
     p.add_argument("--seeds", type=int, default=5, help="number of seeds (0..N-1)")
     p.add_argument("--workers", type=int, default=2, help="parallel training processes")
@@ -383,6 +481,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", nargs="?", choices=["list", "show", "rm", "cancel"])
     p.add_argument("run_id", nargs="?")
     p.add_argument("--json", action="store_true")
+
+    def cost_options(p: argparse.ArgumentParser) -> None:
+        g = p.add_argument_group("cost model (monthly serving cost from the measured latency)")
+        g.add_argument("--requests-per-month", type=float, default=10_000_000,
+                       help="requests served a month (default 10,000,000)")
+        g.add_argument("--cost-per-hour", type=float, default=0.10,
+                       help="dollars per hour of the serving machine (default 0.10)")
+        g.add_argument("--utilisation", type=float, default=0.5,
+                       help="share of billed time the machine is busy, 0..1 (default 0.5)")
+        p.add_argument("--threads", type=int, default=1,
+                       help="torch threads while timing, recorded with the result (default 1)")
+
+    p = command("roi", cmd_roi, "measured size, speed and serving cost: teacher vs student")
+    p.add_argument("bundle", nargs="?", help="bundle folder (default: the sample)")
+    p.add_argument("--run", help="the student run (default: the best finished bias-aware one)")
+    p.add_argument("--repeats", type=int, default=300, help="timed calls per model at batch 1")
+    p.add_argument("--json", action="store_true")
+    cost_options(p)
+
+    p = command("report", cmd_report,
+                "one self-contained report (HTML, opens offline): bias, comparison, ROI, configs")
+    p.add_argument("bundle", nargs="?", help="bundle folder (default: the sample)")
+    p.add_argument("--run", nargs="+", action="extend", metavar="ID",
+                   help="runs to report, each with every finished seed of its settings "
+                        "(default: every strategy on the bundle)")
+    p.add_argument("--out", help="file to write (default kdcore-report.<format>)")
+    p.add_argument("--format", choices=["html", "pdf", "png"],
+                   help="html (interactive; the default unless --out ends in .pdf or .png); "
+                        "pdf or png render the charts statically and need Chromium and kaleido")
+    p.add_argument("--json", action="store_true", help="print the files written as JSON")
+    cost_options(p)
 
     p = command("dashboard", cmd_dashboard, "start the Streamlit dashboard")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")

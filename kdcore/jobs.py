@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from kdcore.bundles import load_bundle
+from kdcore.bundles import load_dataset
 from kdcore.distributed import init_process_group, rank_and_world, shutdown
 from kdcore.errors import DataError, KDCoreError
 from kdcore.runs import RunStore
@@ -53,7 +53,7 @@ def execute_run(run_id: str, *, workspace: str | Path | None = None, threads: in
             on_step(step, total)
 
     try:
-        bundle = load_bundle(config.bundle)
+        bundle = load_dataset(config.bundle, **config.data_options)
         model, result, metrics = train_student(
             config, bundle, on_progress=on_progress if lead else None,
             should_cancel=(lambda: store.cancel_requested(run.id)) if lead else None)

@@ -245,7 +245,8 @@ def iter_parquet_chunks(
             "stream only Parquet files; read CSV files with read_prediction_table.",
         )
     try:
-        pf = pq.ParquetFile(str(p))
+        # pre_buffer=False: the default keeps every row group's bytes until the read ends
+        pf = pq.ParquetFile(str(p), pre_buffer=False)
         names = pf.schema_arrow.names
         n_rows = pf.metadata.num_rows
     except Exception as exc:

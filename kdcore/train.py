@@ -17,16 +17,22 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from kdcore.bundles import Bundle, load_bundle
+from kdcore.bundles import Bundle, load_dataset
 from kdcore.distributed import any_across, gather_rows, rank_and_world, sum_across
 from kdcore.errors import DataError, KDCoreError
 from kdcore.losses import UNLABELLED, Strategy, parse_strategy, strategy_loss
 from kdcore.models import build_model, count_parameters
+
+if TYPE_CHECKING:
+    from kdcore.tabular import TabularDataset
+
+    Dataset = Bundle | TabularDataset  # the training interface: a bundle or a tabular file
 
 
 class Cancelled(KDCoreError):
@@ -54,14 +60,18 @@ class TrainConfig:
     dkd_beta: float = 8.0
     dkd_warmup: int = 20
     device: str = "cpu"
+    # How to reload a tabular dataset (label_column, teacher_logits, split_column, test_size,
+    # split_seed, hidden); empty for a bundle folder. See kdcore.bundles.load_dataset.
+    data_options: dict = field(default_factory=dict)
 
     @classmethod
-    def for_bundle(cls, bundle: Bundle, **overrides) -> TrainConfig:
+    def for_bundle(cls, bundle: Dataset, **overrides) -> TrainConfig:
         """The bundle's recommended defaults, then the caller's overrides (None = keep)."""
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in bundle.training_defaults.items() if k in known}
         values.update({k: v for k, v in overrides.items() if v is not None})
         values["bundle"] = str(bundle.path)
+        values["data_options"] = dict(getattr(bundle, "data_options", None) or {})
         config = cls(**values)
         config.strategy = config.parsed().name if config.strategy != "btkd" else "btkd"
         if config.strategy == "btkd":
@@ -72,7 +82,12 @@ class TrainConfig:
         return parse_strategy(self.strategy, normalisation=self.normalisation)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The config as stored with the run. Empty ``data_options`` (a bundle) are left out, so
+        a bundle run's config, and the key that finds identical runs, stay as before."""
+        values = asdict(self)
+        if not values["data_options"]:
+            del values["data_options"]
+        return values
 
 
 @dataclass
@@ -180,7 +195,7 @@ def fit(model: torch.nn.Module, config: TrainConfig, *, x_train: np.ndarray, y_t
         values = sum_across([float(loss_sum) / steps_per_epoch]
                             + [float(getattr(parts, k)) for k in keys])
         metrics = {"loss": values[0] / world}
-        metrics.update({k: v / world for k, v in zip(keys, values[1:])})
+        metrics.update({k: v / world for k, v in zip(keys, values[1:], strict=True)})
         metrics["n_wrong"] = values[-1]  # a count: summed over ranks, not averaged
         metrics["b"] = parts.b
         metrics["lr"] = opt.param_groups[0]["lr"]
@@ -211,7 +226,8 @@ def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 4096) -> 
     return out
 
 
-def bias_inheritance(student_pred: np.ndarray, teacher_pred: np.ndarray, labels: np.ndarray) -> float:
+def bias_inheritance(student_pred: np.ndarray, teacher_pred: np.ndarray,
+                     labels: np.ndarray) -> float:
     """Of the samples the teacher gets wrong, the share the student gets wrong the same way."""
     teacher_wrong = teacher_pred != labels
     if not teacher_wrong.any():
@@ -224,10 +240,11 @@ def per_class_accuracy(pred: np.ndarray, labels: np.ndarray, class_names: list[s
     support = np.bincount(labels, minlength=len(class_names))
     with np.errstate(invalid="ignore", divide="ignore"):
         acc = correct / support
-    return {name: (None if support[i] == 0 else float(acc[i])) for i, name in enumerate(class_names)}
+    return {name: (None if support[i] == 0 else float(acc[i]))
+            for i, name in enumerate(class_names)}
 
 
-def evaluate(test_logits: np.ndarray, bundle: Bundle) -> dict:
+def evaluate(test_logits: np.ndarray, bundle: Dataset) -> dict:
     """Final metrics of a student against the bundle's test labels and teacher."""
     labels = bundle.y("test")
     pred = test_logits.argmax(1)
@@ -240,11 +257,16 @@ def evaluate(test_logits: np.ndarray, bundle: Bundle) -> dict:
     }
 
 
-def train_student(config: TrainConfig, bundle: Bundle | None = None, *,
+def train_student(config: TrainConfig, bundle: Dataset | None = None, *,
                   on_progress: ProgressFn | None = None,
-                  should_cancel: Callable[[], bool] | None = None) -> tuple[torch.nn.Module, FitResult, dict]:
-    """Train the bundle's student with the config's strategy; return model, history and metrics."""
-    bundle = bundle or load_bundle(config.bundle)
+                  should_cancel: Callable[[], bool] | None = None,
+                  ) -> tuple[torch.nn.Module, FitResult, dict]:
+    """Train the data's student with the config's strategy; return model, history and metrics.
+
+    ``bundle`` is a bundle or a tabular dataset; by default it is loaded from the config
+    (``kdcore.bundles.load_dataset(config.bundle, **config.data_options)``).
+    """
+    bundle = bundle or load_dataset(config.bundle, **config.data_options)
     torch.manual_seed(config.seed)  # the initial weights are part of the seed's run
     model = build_model(bundle.student_spec)
     has_transfer = "unlabelled" in bundle.splits
@@ -260,14 +282,16 @@ def train_student(config: TrainConfig, bundle: Bundle | None = None, *,
         best_test_accuracy=result.best_test_accuracy,
         best_epoch=result.best_epoch,
         student_params=count_parameters(model),
-        teacher_params=count_parameters(build_model(bundle.teacher_spec)),
+        teacher_params=(None if bundle.teacher_spec is None  # tabular: only its outputs
+                        else count_parameters(build_model(bundle.teacher_spec))),
         train_seconds=round(result.seconds, 3),
         world_size=rank_and_world()[1],
     )
     return model, result, metrics
 
 
-def save_artifacts(directory: Path, model: torch.nn.Module, result: FitResult, bundle: Bundle) -> None:
+def save_artifacts(directory: Path, model: torch.nn.Module, result: FitResult,
+                   bundle: Dataset) -> None:
     """Test predictions (npz, no pickle) and the student's state dict."""
     directory.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(directory / "test_predictions.npz", logits=result.test_logits,

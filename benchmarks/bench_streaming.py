@@ -1,0 +1,168 @@
+"""Stream-analyse a 10,000,000 x 100 float32 Parquet prediction table; time and memory.
+
+Run: ``python benchmarks/bench_streaming.py`` (``--rows N`` for a smaller file). It
+
+1. checks the free disk space (``shutil.disk_usage``; scales the rows down, and says so, if
+   the file would not fit with room to spare), then writes the table to a temporary folder in
+   row groups of 1,000,000 rows with ``pyarrow.parquet.ParquetWriter``, generating each group
+   on the fly (``label``, ``split`` and 100 ``logit_`` columns; the teacher is right about half
+   the time);
+2. as the baseline, times one plain pyarrow read pass over the same columns
+   (``ParquetFile.iter_batches``, nothing computed);
+3. times ``kdcore.analysis.analyze_stream`` on it (validation of every chunk, one
+   ``BiasAccumulator`` per split, the same JSON document as ``kdcore analyze``), then once
+   more with pyarrow's ``pre_buffer`` off (by default pyarrow's reader buffers the column
+   chunks of every row group it is asked for, so memory grows with the file);
+4. prints both times, their ratio, and for each pass the peak RSS (``ru_maxrss``) and its
+   growth during the pass; the in-memory size of the logits is printed for comparison;
+5. deletes the file.
+
+Each pass runs in a fresh process, so its peak RSS is its own, not the generator's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+N_ROWS = 10_000_000
+N_CLASSES = 100
+ROW_GROUP = 1_000_000
+SEED = 0
+BYTES_PER_VALUE = 4.1  # float32 logits do not compress; a little for label and split
+DISK_MARGIN = 2 * 1024**3  # leave this much free after writing
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process, in MB."""
+    with open("/proc/self/statm") as fh:
+        pages = int(fh.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 1024**2
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write_table(path: Path, rows: int, classes: int, row_group: int) -> None:
+    """Write the table group by group; only one group is ever in memory."""
+    rng = np.random.default_rng(SEED)
+    names = [f"logit_{j}" for j in range(classes)]
+    schema = pa.schema([("label", pa.int64()), ("split", pa.string())]
+                       + [(n, pa.float32()) for n in names])
+    splits = pa.array(["train", "unlabelled", "test"])
+    with pq.ParquetWriter(str(path), schema) as writer:
+        for start in range(0, rows, row_group):
+            n = min(row_group, rows - start)
+            labels = rng.integers(0, classes, size=n)
+            logits = rng.standard_normal((n, classes), dtype=np.float32)
+            logits[np.arange(n), labels] += 2.5
+            which = rng.choice(3, size=n, p=[0.6, 0.2, 0.2])
+            label_col = pa.array(labels, mask=which == 1)  # unlabelled rows have no label
+            columns = [label_col, splits.take(pa.array(which))]
+            columns += [pa.array(logits[:, j]) for j in range(classes)]
+            writer.write_table(pa.Table.from_arrays(columns, schema=schema), row_group_size=n)
+            del logits, columns
+
+
+def _baseline(path: str) -> tuple[float, float, float, float]:
+    """One plain read pass over the contract's columns: (seconds, rss before, peak, rows)."""
+    before = rss_mb()
+    start = time.perf_counter()
+    pf = pq.ParquetFile(path)
+    rows = 0
+    for batch in pf.iter_batches(batch_size=160_000, columns=pf.schema_arrow.names):
+        rows += batch.num_rows
+    seconds = time.perf_counter() - start
+    return seconds, before, peak_rss_mb(), rows
+
+
+def _stream(path: str, pre_buffer: bool = True) -> tuple[float, float, float, dict]:
+    if not pre_buffer:  # what kdcore.tables.iter_parquet_chunks would do with pre_buffer=False
+        original = pq.ParquetFile
+        pq.ParquetFile = lambda source, **kw: original(source, **{"pre_buffer": False, **kw})
+    from kdcore.analysis import analyze_stream
+
+    before = rss_mb()
+    start = time.perf_counter()
+    doc = analyze_stream(path)
+    seconds = time.perf_counter() - start
+    return seconds, before, peak_rss_mb(), doc
+
+
+def in_fresh_process(fn, *args):
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=N_ROWS)
+    parser.add_argument("--classes", type=int, default=N_CLASSES)
+    parser.add_argument("--row-group", type=int, default=ROW_GROUP)
+    parser.add_argument("--dir", help="parent folder for the temporary file (default: $TMPDIR)")
+    args = parser.parse_args()
+
+    rows, classes = args.rows, args.classes
+    folder = Path(tempfile.mkdtemp(prefix="kdcore-bench-", dir=args.dir))
+    try:
+        free = shutil.disk_usage(folder).free
+        need = rows * classes * BYTES_PER_VALUE
+        if need + DISK_MARGIN > free:
+            fit = int(max(0, free - DISK_MARGIN) / (classes * BYTES_PER_VALUE))
+            fit = fit // args.row_group * args.row_group
+            if fit < args.row_group:
+                raise SystemExit(f"only {free / 1e9:.1f} GB free in {folder}: not enough for "
+                                 "one row group; pass --dir with more space")
+            print(f"NOTE: {free / 1e9:.1f} GB free, {need / 1e9:.1f} GB needed for {rows:,} "
+                  f"rows: scaled down to {fit:,} rows")
+            rows = fit
+        path = folder / "predictions.parquet"
+        start = time.perf_counter()
+        write_table(path, rows, classes, args.row_group)
+        size = path.stat().st_size
+        print(f"wrote {rows:,} x {classes} float32 logits (+ label, split) in row groups of "
+              f"{args.row_group:,}: {size / 1e9:.2f} GB in {time.perf_counter() - start:.0f} s")
+        logits_mb = rows * classes * 4 / 1024**2
+        print(f"the logits alone would take {logits_mb:,.0f} MB in memory\n")
+
+        t_read, read_before, read_peak, read_rows = in_fresh_process(_baseline, str(path))
+        assert read_rows == rows
+        t_stream, before, peak, doc = in_fresh_process(_stream, str(path))
+        t_nopre, before_nopre, peak_nopre, doc_nopre = in_fresh_process(_stream, str(path), False)
+        assert doc_nopre["n_samples"] == doc["n_samples"]
+        assert doc["n_samples"] == sum(s["n_samples"] for n, s in doc["splits"].items()
+                                       if n != "unlabelled")
+
+        print(f"{'pass':<40}{'seconds':>9}{'rows/s':>14}{'peak RSS':>11}{'growth':>9}")
+        print(f"{'plain pyarrow read (iter_batches)':<40}{t_read:9.1f}{rows / t_read:14,.0f}"
+              f"{read_peak:9.0f}MB{read_peak - read_before:7.0f}MB")
+        print(f"{'kdcore analyze_stream':<40}{t_stream:9.1f}{rows / t_stream:14,.0f}"
+              f"{peak:9.0f}MB{peak - before:7.0f}MB")
+        print(f"{'  the same, Parquet pre_buffer=False':<40}{t_nopre:9.1f}{rows / t_nopre:14,.0f}"
+              f"{peak_nopre:9.0f}MB{peak_nopre - before_nopre:7.0f}MB")
+        print(f"\nanalyze_stream / plain read = {t_stream / t_read:.1f}x the time "
+              f"({t_nopre / t_read:.1f}x without pre-buffering); its RSS growth is "
+              f"{(peak - before) / logits_mb:.0%} of the logits' size "
+              f"({(peak_nopre - before_nopre) / logits_mb:.0%} without pre-buffering)")
+        parts = ", ".join(f"{k} {v['n_samples']:,}" for k, v in doc["splits"].items())
+        print(f"teacher accuracy {doc['teacher_accuracy']:.4f} on {doc['n_samples']:,} labelled "
+              f"rows; splits: {parts}")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"deleted {folder}")
+
+
+if __name__ == "__main__":
+    main()
