@@ -20,6 +20,7 @@ page = st.navigation([
     st.Page(_PAGES / "teacher_bias.py", title="Teacher bias", icon=":material/troubleshoot:"),
     st.Page(_PAGES / "train.py", title="Train", icon=":material/model_training:"),
     st.Page(_PAGES / "results.py", title="Results", icon=":material/leaderboard:"),
+    st.Page(_PAGES / "roi.py", title="ROI", icon=":material/savings:"),
     st.Page(_PAGES / "data.py", title="Data", icon=":material/dataset:"),
 ])
 page.run()

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +16,9 @@ import streamlit as st
 from dashboard import charts, state
 from kdcore.analysis import report, select
 from kdcore.bundles import load_bundle, sample_bundle_path
-from kdcore.compare import BASELINE, DEFAULT_STRATEGIES, plan, summarise
+from kdcore.compare import BASELINE, DEFAULT_STRATEGIES, comparable_groups, plan, summarise
 from kdcore.errors import KDCoreError
+from kdcore.report import report_download
 from kdcore.runs import Run, config_key
 
 DEMO_SEEDS = 5
@@ -40,27 +41,18 @@ def _is_sample(run: Run) -> bool:
 
 
 def comparison_runs(done: list[Run]) -> tuple[list[Run], bool]:
-    """The runs to summarise: the demo comparison if any of it is done, else the largest group
-    of finished runs on the sample that share every setting but strategy and seed."""
+    """The comparison to headline: the demo's if any of it is done, else the largest one."""
     try:
         demo_keys = {config_key(c.to_dict())
                      for c in plan(load_bundle(None), DEFAULT_STRATEGIES, range(DEMO_SEEDS))}
     except KDCoreError:
         demo_keys = set()
     sample = [r for r in done if _is_sample(r) and r.metrics.get("test_accuracy") is not None]
-    demo = [r for r in sample if (r.config_key or config_key(r.config)) in demo_keys]
-    if demo:
-        chosen = demo
-    else:
-        groups: dict[str, list[Run]] = {}
-        for r in sample:
-            rest = {k: v for k, v in r.config.items() if k not in ("strategy", "seed")}
-            groups.setdefault(json.dumps(rest, sort_keys=True), []).append(r)
-        chosen = max(groups.values(), key=len, default=[])
-    newest: dict[tuple, Run] = {}
-    for r in chosen:  # store.list is newest first: keep the newest run per strategy and seed
-        newest.setdefault((r.strategy, r.seed), r)
-    return list(newest.values()), bool(demo)
+    groups = list(comparable_groups(sample).values())  # largest first
+    for group in groups:
+        if any((r.config_key or config_key(r.config)) in demo_keys for r in group):
+            return group, True
+    return (groups[0] if groups else []), False
 
 
 def start_demo() -> None:
@@ -126,6 +118,12 @@ st.markdown(
     "accuracy on held-out data, averaged over several training seeds.")
 
 store = state.store()
+st.download_button(
+    "Download report", data=partial(report_download, store), file_name="kdcore-report.html",
+    mime="text/html", icon=":material/download:", key="overview_download_report",
+    on_click="ignore",
+    help="One HTML file that opens offline: the teacher's bias, the comparison, size, speed "
+         "and serving cost, and the configs and seeds behind them (same as `kdcore report`).")
 try:
     all_runs = store.list()
 except KDCoreError as exc:

@@ -1,0 +1,674 @@
+"""The exportable report: one self-contained HTML file (Plotly's JavaScript inlined, opens
+offline) with the teacher-bias analysis, the before/after comparison of the students, the ROI
+table with its cost assumptions, the configs and seeds behind every number, the date and the
+version.
+
+    kdcore report [BUNDLE] [--run ID ...] --out report.html
+    kdcore report --format pdf --out report.pdf      # needs Chromium and the kaleido package
+    kdcore report --format png --out charts.png      # one PNG per chart: charts-01-....png
+
+``build_report`` collects the numbers and the figures; ``render_html`` turns them into the page;
+``write_report`` writes the file in the format asked for. With no finished students (an empty
+store) the report holds the teacher-bias analysis only and says so.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly
+import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
+
+from kdcore import __version__
+from kdcore.analysis import bundle_table, select
+from kdcore.analysis import report as bias_report
+from kdcore.bundles import Bundle, load_bundle
+from kdcore.compare import BASELINE, summarise
+from kdcore.errors import DataError, KDCoreError
+from kdcore.roi import (
+    CostAssumptions,
+    format_money,
+    is_bias_aware,
+    recipe_key,
+    recipes,
+    roi,
+    roi_table,
+    strategy_order,
+)
+from kdcore.runs import Run, RunStore
+
+FORMATS = ("html", "pdf", "png")
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
+NO_STUDENTS = ("No students were trained yet: this report holds the teacher-bias analysis "
+               "only. Run `kdcore demo` (or the Train page) and export the report again.")
+
+# the dashboard's colours, so a chart reads the same in the app and in the report
+TEACHER = "#7F8C8D"
+STUDENT = "#1F77B4"
+WRONG = "#D62728"
+RIGHT = "#2CA02C"
+SUPPORT = "#BDC3C7"
+OTHER = "#E69F00"
+
+
+@dataclass
+class Chart:
+    slug: str
+    title: str
+    figure: go.Figure
+
+
+@dataclass
+class ReportData:
+    """Everything the page shows, computed once."""
+
+    bundle: Bundle
+    generated_at: str
+    workspace: str
+    splits: dict                      # split -> {n_samples, teacher_accuracy or None}
+    per_class: pd.DataFrame           # held-out per-class bias table
+    top_confusions: pd.DataFrame
+    runs: list[Run] = field(default_factory=list)
+    summary: dict | None = None
+    roi: dict | None = None
+    roi_error: str | None = None
+    charts: list[Chart] = field(default_factory=list)
+    selection: str = ""
+
+
+# --------------------------------------------------------------------------- choosing runs
+
+
+def select_runs(store: RunStore, bundle: Bundle | None = None,
+                run_ids: Sequence[str] | None = None) -> tuple[list[Run], Bundle, str]:
+    """The finished runs the report summarises, their bundle, and how they were chosen.
+
+    With ``run_ids``: each run brings in every finished seed of its recipe (the same settings
+    apart from the seed). Without: for each strategy on the bundle, the recipe with the most
+    seeds (then the newest).
+    """
+    from kdcore.roi import strategy_runs
+
+    if not run_ids:
+        bundle = bundle or load_bundle(None)
+        groups = strategy_runs(store, bundle)
+        how = ("every strategy trained on this bundle; for each, the settings with the most "
+               "finished seeds")
+        return [r for g in groups.values() for r in g], bundle, how
+    chosen: dict[str, list[Run]] = {}
+    run_bundle: Bundle | None = None
+    done = recipes(store.list(status="done"))
+    for run_id in run_ids:
+        run = store.get(run_id)
+        if run.status != "done":
+            raise DataError(f"run {run.id} is {run.status}, not done; pass finished runs "
+                            "(`kdcore runs` lists them)")
+        this = load_bundle(run.config.get("bundle") or run.bundle)
+        if run_bundle is None:
+            run_bundle = this
+        elif Path(this.path) != Path(run_bundle.path):
+            raise DataError(f"run {run.id} is on {this.name}, the others on {run_bundle.name}; "
+                            "a report covers one bundle")
+        key = recipe_key(run)
+        for other_key, group in chosen.items():
+            if group[0].strategy == run.strategy and other_key != key:
+                raise DataError(f"runs {group[0].id} and {run.id} are both {run.strategy} but "
+                                "with different settings; pass runs of one recipe per strategy")
+        chosen[key] = done.get(key, [run])
+    if bundle is not None and Path(bundle.path) != Path(run_bundle.path):
+        raise DataError(f"the runs are on {run_bundle.path}, not {bundle.path}; drop BUNDLE")
+    how = "the runs given with --run, each with every finished seed of the same settings"
+    groups = {g[0].strategy: g for g in chosen.values()}
+    return [r for name in strategy_order(list(groups)) for r in groups[name]], run_bundle, how
+
+
+def _roi_run(runs: Sequence[Run]) -> Run | None:
+    """The student for the ROI: the best bias-aware recipe, else the best of any."""
+    by_recipe: dict[str, list[Run]] = {}
+    for r in runs:
+        by_recipe.setdefault(recipe_key(r), []).append(r)
+    if not by_recipe:
+        return None
+
+    def mean(group: list[Run]) -> float:
+        return float(np.mean([r.metrics["test_accuracy"] for r in group]))
+
+    aware = [g for g in by_recipe.values() if is_bias_aware(g[0].strategy)]
+    group = max(aware or list(by_recipe.values()), key=mean)
+    target = mean(group)
+    return min(group, key=lambda r: abs(r.metrics["test_accuracy"] - target))
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _layout(fig: go.Figure, title: str, height: int) -> go.Figure:
+    fig.update_layout(
+        title=dict(text=title, x=0, xanchor="left"), height=height, font=dict(size=13),
+        margin=dict(l=10, r=10, t=60, b=10), template="plotly_white",
+        legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1))
+    return fig
+
+
+def bias_figure(per_class: pd.DataFrame) -> go.Figure:
+    classes = per_class["class"].astype(str).tolist()
+    rate = per_class["bias_rate"].astype(float).to_numpy()
+    support = per_class["support"].to_numpy()
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.7, 0.3],
+                        vertical_spacing=0.06)
+    fig.add_trace(go.Bar(x=classes, y=rate, name="share the teacher gets wrong",
+                         marker_color=WRONG, text=[f"{r:.0%}" if np.isfinite(r) else ""
+                                                   for r in rate],
+                         textposition="outside"), row=1, col=1)
+    fig.add_trace(go.Bar(x=classes, y=support, name="samples in class", marker_color=SUPPORT,
+                         text=[str(s) for s in support], textposition="outside"), row=2, col=1)
+    top = float(np.nanmax(rate)) if np.isfinite(rate).any() else 0.0
+    fig.update_yaxes(title_text="teacher wrong", tickformat=".0%",
+                     range=[0, max(top * 1.25, 0.05)], row=1, col=1)
+    fig.update_yaxes(title_text="samples", range=[0, max(support.max(initial=0) * 1.35, 1)],
+                     row=2, col=1)
+    fig.update_xaxes(title_text="true class", type="category", row=2, col=1)
+    return _layout(fig, "Where the teacher is wrong on held-out data, per class", 430)
+
+
+def confusion_figure(error_confusion: np.ndarray, class_names: Sequence[str]) -> go.Figure:
+    counts = np.asarray(error_confusion, dtype=float)
+    z = counts.copy()
+    np.fill_diagonal(z, np.nan)
+    text = np.where(counts > 0, counts.astype(int).astype(str), "")
+    np.fill_diagonal(text, "")
+    names = [str(c) for c in class_names]
+    fig = go.Figure(go.Heatmap(
+        z=z, x=names, y=names, text=text, texttemplate="%{text}", colorscale="Reds", zmin=0,
+        xgap=1, ygap=1, colorbar=dict(title="samples"),
+        hovertemplate="true %{y}, teacher said %{x}: %{z} samples<extra></extra>"))
+    fig.update_xaxes(title_text="teacher's prediction", type="category")
+    fig.update_yaxes(title_text="true class", type="category", autorange="reversed")
+    return _layout(fig, "Which classes the teacher confuses (held-out errors)", 460)
+
+
+def strategy_figure(summary: dict) -> go.Figure:
+    names = list(summary["strategies"])
+    entries = [summary["strategies"][n] for n in names]
+    means = np.array([e["mean"] for e in entries])
+    stds = np.array([e["std"] for e in entries])
+    colours = [STUDENT if is_bias_aware(n) else OTHER for n in names]
+    fig = go.Figure(go.Bar(
+        x=names, y=means, marker_color=colours,
+        error_y=dict(type="data", array=stds, visible=True, color="#333"),
+        text=[f"{m:.1%}" for m in means], textposition="inside", insidetextanchor="start",
+        hovertemplate="%{x}: %{y:.1%}<extra></extra>"))
+    lows = list(means - stds)
+    teacher = summary.get("teacher_test_accuracy")
+    if teacher is not None:
+        fig.add_hline(y=teacher, line_dash="dash", line_color=TEACHER,
+                      annotation_text=f"teacher {teacher:.1%}", annotation_position="top left")
+        lows.append(teacher)
+    fig.update_xaxes(title_text="training strategy", type="category")
+    fig.update_yaxes(title_text="test accuracy, last epoch (axis not from 0)", tickformat=".0%",
+                     range=[max(0.0, min(lows) - 0.05), 1.0])
+    fig.update_layout(showlegend=False)
+    return _layout(fig, "Student accuracy per strategy (mean ± std over seeds)", 400)
+
+
+def per_class_figure(frame: pd.DataFrame) -> go.Figure:
+    fig = go.Figure()
+    models = [c for c in frame.columns if c != "class"]
+    palette = {0: TEACHER}
+    for i, model in enumerate(models):
+        colour = palette.get(i, STUDENT if i == len(models) - 1 else OTHER)
+        values = frame[model].astype(float)
+        fig.add_trace(go.Bar(x=frame["class"].astype(str), y=values, name=model,
+                             marker_color=colour,
+                             text=[f"{v:.0%}" if np.isfinite(v) else "" for v in values],
+                             textposition="outside"))
+    fig.update_layout(barmode="group", bargap=0.2)
+    fig.update_xaxes(title_text="class", type="category")
+    fig.update_yaxes(title_text="accuracy on held-out data", tickformat=".0%", range=[0, 1.12])
+    return _layout(fig, "Per-class accuracy: teacher (before) vs students (after)", 420)
+
+
+def cost_figure(doc: dict) -> go.Figure:
+    cost = doc["cost"]
+    values = [cost["teacher_monthly"], cost["student_monthly"]]
+    fig = go.Figure(go.Bar(
+        x=["teacher", f"student ({doc['strategy']})"], y=values,
+        marker_color=[TEACHER, STUDENT], text=[format_money(v) for v in values],
+        textposition="outside", hovertemplate="%{x}: $%{y:.4g} a month<extra></extra>"))
+    fig.update_yaxes(title_text="serving cost, $ a month", tickprefix="$",
+                     range=[0, max(values) * 1.25 if max(values) > 0 else 1])
+    fig.update_layout(showlegend=False)
+    return _layout(fig, f"Monthly serving cost (saving {format_money(cost['saving_monthly'])})",
+                   360)
+
+
+def tradeoff_figure(doc: dict, summary: dict | None) -> go.Figure:
+    """Accuracy against latency: the teacher and every student strategy."""
+    t, s = doc["teacher"], doc["student"]
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(
+        x=[t["latency_ms_p50"]], y=[t["accuracy"]], mode="markers+text", name="teacher",
+        text=["teacher"], textposition="top center",
+        marker=dict(size=16, color=TEACHER, symbol="diamond")))
+    if summary:
+        names = list(summary["strategies"])
+        entries = [summary["strategies"][n] for n in names]
+        ranked = sorted(range(len(names)), key=lambda i: entries[i]["mean"])
+        sides = {i: ("middle right" if k % 2 else "middle left") for k, i in enumerate(ranked)}
+        for label, colour, aware in (("bias-aware students", STUDENT, True),
+                                     ("other students", OTHER, False)):
+            idx = [i for i, n in enumerate(names) if is_bias_aware(n) == aware]
+            if not idx:
+                continue
+            fig.add_trace(go.Scatter(
+                x=[s["latency_ms_p50"]] * len(idx), y=[entries[i]["mean"] for i in idx],
+                error_y=dict(type="data", array=[entries[i]["std"] for i in idx],
+                             visible=True, color="#999", thickness=1),
+                mode="markers+text", name=label, text=[names[i] for i in idx],
+                textposition=[sides[i] for i in idx],
+                customdata=[[entries[i]["std"], len(entries[i]["seeds"])] for i in idx],
+                hovertemplate=("%{text}: %{y:.1%} ± %{customdata[0]:.1%} over "
+                               "%{customdata[1]} seeds, %{x:.3f} ms<extra></extra>"),
+                marker=dict(size=11, color=colour)))
+    lo = min(t["latency_ms_p50"], s["latency_ms_p50"])
+    hi = max(t["latency_ms_p50"], s["latency_ms_p50"])
+    left, right = np.log10(lo) - 0.35, np.log10(hi) + 0.25
+    ticks = [m * 10.0 ** k for k in range(int(np.floor(left)), int(np.ceil(right)) + 1)
+             for m in (1, 2, 5) if left <= np.log10(m * 10.0 ** k) <= right]
+    fig.update_xaxes(title_text="latency at batch 1, median ms (log scale)", type="log",
+                     range=[left, right], tickvals=ticks, ticktext=[f"{v:g}" for v in ticks])
+    fig.update_yaxes(title_text="test accuracy", tickformat=".0%")
+    return _layout(fig, "Accuracy against latency: every student shares one architecture", 400)
+
+
+# --------------------------------------------------------------------------- collecting
+
+
+def build_report(store: RunStore, bundle: str | Path | Bundle | None = None,
+                 run_ids: Sequence[str] | None = None, *,
+                 assumptions: CostAssumptions | None = None, threads: int = 1) -> ReportData:
+    """Collect the numbers and the charts of the report (measures the ROI now)."""
+    if bundle is not None and not isinstance(bundle, Bundle):
+        bundle = load_bundle(bundle)
+    runs, bundle, how = select_runs(store, bundle, run_ids)
+    table = bundle_table(bundle)
+    splits = {}
+    for name in table.splits:
+        part = table.subset(name)
+        labelled = bool((part.labels >= 0).any())
+        splits[name] = {"n_samples": part.n_samples,
+                        "teacher_accuracy": bias_report(part).accuracy if labelled else None}
+    held_out = bias_report(select(table, "test" if "test" in table.splits else None))
+    data = ReportData(
+        bundle=bundle, generated_at=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        workspace=str(store.workspace), splits=splits, per_class=held_out.per_class,
+        top_confusions=held_out.top_confusions, runs=runs, selection=how)
+    data.charts.append(Chart("teacher-bias", "Teacher bias per class", bias_figure(
+        held_out.per_class)))
+    data.charts.append(Chart("teacher-confusion", "Teacher's confusions", confusion_figure(
+        held_out.error_confusion, held_out.class_names)))
+    if not runs:
+        return data
+    data.summary = summarise(runs)
+    data.charts.append(Chart("strategies", "Accuracy per strategy", strategy_figure(data.summary)))
+    data.charts.append(Chart("per-class", "Per-class before/after",
+                             per_class_figure(_before_after(held_out.per_class, runs,
+                                                            data.summary))))
+    pick = _roi_run(runs)
+    try:
+        data.roi = roi(store, bundle, pick.id, assumptions=assumptions, threads=threads)
+    except KDCoreError as exc:
+        data.roi_error = str(exc)
+    else:
+        data.charts.append(Chart("cost", "Monthly serving cost", cost_figure(data.roi)))
+        data.charts.append(Chart("accuracy-latency", "Accuracy against latency",
+                                 tradeoff_figure(data.roi, data.summary)))
+    return data
+
+
+def _before_after(per_class: pd.DataFrame, runs: Sequence[Run], summary: dict) -> pd.DataFrame:
+    frame = pd.DataFrame({"class": per_class["class"].astype(str),
+                          "teacher": per_class["teacher_accuracy"].to_numpy(dtype=float)})
+    best = max(summary["strategies"], key=lambda n: summary["strategies"][n]["mean"])
+    shown = [BASELINE] if BASELINE in summary["strategies"] and best != BASELINE else []
+    for name in [*shown, best]:
+        per_seed = [r.metrics.get("per_class_accuracy") or {} for r in runs if r.strategy == name]
+        values = []
+        for c in frame["class"]:
+            seen = [float(p[c]) for p in per_seed if p.get(c) is not None]
+            values.append(float(np.mean(seen)) if seen else np.nan)
+        frame[f"{name} ({len(per_seed)} seeds)"] = values
+    return frame
+
+
+# --------------------------------------------------------------------------- rendering
+
+_CSS = """
+body{font-family:-apple-system,BlinkMacSystemFont,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;
+ color:#222;max-width:1100px;margin:0 auto;padding:24px 28px 60px;line-height:1.45}
+h1{font-size:1.7em;margin-bottom:.1em}h2{margin-top:1.8em;border-bottom:2px solid #eee;
+ padding-bottom:.2em}h3{margin-top:1.3em}
+.meta{color:#666;font-size:.92em}.note{background:#f4f8fc;border-left:4px solid #1F77B4;
+ padding:.6em 1em;margin:1em 0}.warn{background:#fff6e5;border-left:4px solid #E69F00;
+ padding:.6em 1em;margin:1em 0}
+table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.92em}
+th,td{border-bottom:1px solid #e3e3e3;padding:4px 10px;text-align:left;vertical-align:top}
+th{background:#fafafa}td.num,th.num{text-align:right}
+.chart{margin:1em 0 1.6em;page-break-inside:avoid;break-inside:avoid}
+.chart img{max-width:100%}
+.kpis{display:flex;gap:14px;flex-wrap:wrap;margin:1em 0}
+.kpi{border:1px solid #e3e3e3;border-radius:6px;padding:.5em .9em;min-width:150px}
+.kpi b{display:block;font-size:1.4em}code{background:#f3f3f3;padding:0 3px;border-radius:3px}
+@media print{body{max-width:none;padding:0 8px}h2{page-break-after:avoid}}
+"""
+
+
+def _e(text) -> str:
+    return html.escape(str(text))
+
+
+def _table(frame: pd.DataFrame) -> str:
+    return frame.to_html(index=False, border=0, escape=True, na_rep="—")
+
+
+def _kpis(items: Sequence[tuple[str, str]]) -> str:
+    return '<div class="kpis">' + "".join(
+        f'<div class="kpi">{_e(label)}<b>{_e(value)}</b></div>' for label, value in items
+    ) + "</div>"
+
+
+def _pct(x) -> str:
+    return "—" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.1%}"
+
+
+def render_html(data: ReportData, *, static: dict[str, str] | None = None) -> str:
+    """The report as one HTML document. ``static`` maps a chart slug to a data: URL image
+    (for print); otherwise the charts are interactive, Plotly's JavaScript inlined once."""
+    charts = {c.slug: c for c in data.charts}
+    first = [True]
+
+    def chart(slug: str) -> str:
+        if slug not in charts:
+            return ""
+        c = charts[slug]
+        if static is not None:
+            return (f'<div class="chart"><img alt="{_e(c.title)}" src="{static[slug]}"></div>')
+        div = c.figure.to_html(full_html=False, include_plotlyjs=first[0],
+                               config={"displaylogo": False, "responsive": True},
+                               default_width="100%",
+                               default_height=f"{c.figure.layout.height or 420}px")
+        first[0] = False
+        return f'<div class="chart" id="chart-{_e(slug)}">{div}</div>'
+
+    b = data.bundle
+    out: list[str] = []
+    out.append(f"<h1>kdcore report: {_e(b.name)}</h1>")
+    out.append(f'<p class="meta">Generated {_e(data.generated_at)} by kdcore {_e(__version__)} '
+               f"(torch {_e(torch.__version__)}, plotly {_e(plotly.__version__)}) from the "
+               f"workspace <code>{_e(data.workspace)}</code>. "
+               f"Bundle <code>{_e(b.path)}</code>.</p>")
+    if b.manifest.get("description"):
+        out.append(f"<p>{_e(b.manifest['description'])}</p>")
+
+    # ---- teacher bias
+    out.append("<h2>1. Where the teacher is wrong</h2>")
+    meaning = {"train": "labelled distillation data", "unlabelled": "transfer data, no labels",
+               "test": "held-out data"}
+    out.append(_table(pd.DataFrame([
+        {"split": name, "what it is": meaning.get(name, name), "samples": s["n_samples"],
+         "teacher accuracy": _pct(s["teacher_accuracy"]) if s["teacher_accuracy"] is not None
+         else "no labels"} for name, s in data.splits.items()])))
+    out.append(chart("teacher-bias"))
+    out.append(chart("teacher-confusion"))
+    if len(data.top_confusions):
+        top = data.top_confusions.head(8).copy()
+        top["share"] = top["share"].map(_pct)
+        out.append("<h3>Most frequent mistakes (held-out)</h3>" + _table(top.rename(columns={
+            "true": "true class", "predicted": "teacher said", "count": "samples",
+            "share": "share of errors"})))
+    per_class = data.per_class[["class", "support", "teacher_accuracy", "bias_rate",
+                                "most_confused_with"]].copy()
+    per_class["most_confused_with"] = per_class["most_confused_with"].fillna("—")
+    for col in ("teacher_accuracy", "bias_rate"):
+        per_class[col] = per_class[col].map(_pct)
+    out.append("<h3>Per class (held-out)</h3>" + _table(per_class.rename(columns={
+        "teacher_accuracy": "teacher accuracy", "bias_rate": "bias rate",
+        "most_confused_with": "most often read as"})))
+
+    # ---- students
+    out.append("<h2>2. Before and after: the students</h2>")
+    if not data.summary:
+        out.append(f'<p class="warn">{_e(NO_STUDENTS)}</p>')
+    else:
+        out.append(f'<p class="note"><b>Verdict.</b> {_e(data.summary["verdict"])}</p>')
+        rows = []
+        for name, e in data.summary["strategies"].items():
+            d = e["delta_vs_kd"]
+            ci = d["ci95"] if d else None
+            rows.append({
+                "strategy": name,
+                "test accuracy (mean ± std)": f"{e['mean']:.1%} ± {e['std']:.1%}",
+                "vs kd, paired (95% interval)": "" if not d or name == BASELINE else (
+                    f"{d['mean'] * 100:+.1f} pts" + (f" [{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}]"
+                                                     if ci else "")),
+                "copies teacher errors": _pct(e["bias_inheritance"]),
+                "best-epoch accuracy": _pct(e["best_epoch_mean"]),
+                "seeds": ", ".join(str(s) for s in e["seeds"]),
+            })
+        out.append(_table(pd.DataFrame(rows)))
+        out.append('<p class="meta">Test accuracy is the last epoch, averaged over seeds. '
+                   "Best-epoch accuracy picks the epoch on the test set, so it is optimistic. "
+                   "&ldquo;Copies teacher errors&rdquo;: of the held-out samples the teacher "
+                   "gets wrong, the share the student gets wrong with the same wrong class.</p>")
+        out.append(chart("strategies"))
+        out.append(chart("per-class"))
+
+    # ---- ROI
+    out.append("<h2>3. Return on investment: size, speed and cost</h2>")
+    if not data.summary:
+        out.append(f'<p class="warn">{_e(NO_STUDENTS)}</p>')
+    elif data.roi is None:
+        out.append(f'<p class="warn">The ROI could not be measured: {_e(data.roi_error)}</p>')
+    else:
+        doc = data.roi
+        out.append(f'<p class="note">{_e(doc["summary"])}</p>')
+        out.append(_kpis([
+            ("smaller (bytes)", f"{doc['size_ratio']:,.1f}x"),
+            ("faster (batch 1, p50)", f"{doc['speedup']:,.1f}x"),
+            ("accuracy change", f"{doc['accuracy_change'] * 100:+.1f} pts"),
+            ("saving a month", format_money(doc["cost"]["saving_monthly"])),
+        ]))
+        out.append(f"<p>Student measured: run <code>{_e(doc['run_id'])}</code> "
+                   f"({_e(doc['strategy'])}); its accuracy is the mean over the seeds "
+                   f"{_e(', '.join(str(s) for s in doc['student']['seeds']))}.</p>")
+        out.append(_table(roi_table(doc)))
+        a = doc["cost"]["assumptions"]
+        m = doc["measurement"]
+        out.append("<h3>Assumptions</h3>" + _table(pd.DataFrame([
+            {"assumption": "requests per month", "value": f"{a['requests_per_month']:,.0f}"},
+            {"assumption": "cost per hour of the serving machine",
+             "value": format_money(a["cost_per_hour"])},
+            {"assumption": "utilisation (busy share of billed time)",
+             "value": f"{a['utilisation']:.0%}"},
+            {"assumption": "cost model", "value": a["model"]},
+            {"assumption": "measured on",
+             "value": (f"this machine ({m['machine']}), {m['device']}, {m['threads']} thread(s), "
+                       f"torch {m['torch']}; {m['latency_calls']} timed calls at batch 1 after "
+                       f"{m['warmup_calls']} warm-up calls, {m['throughput_calls']} at batch "
+                       f"{m['throughput_batch']}; {m['mode']}")},
+        ])))
+        out.append(chart("cost"))
+        out.append(chart("accuracy-latency"))
+
+    # ---- configs and seeds
+    out.append("<h2>4. Configs and seeds</h2>")
+    if not data.runs:
+        out.append("<p>No runs: nothing was trained in this workspace yet.</p>")
+    else:
+        out.append(f"<p>Runs included: {_e(data.selection)}.</p>")
+        configs = [r.config for r in data.runs]
+        keys = sorted({k for c in configs for k in c})
+        shared = {k: configs[0].get(k) for k in keys
+                  if all(json.dumps(c.get(k), sort_keys=True)
+                         == json.dumps(configs[0].get(k), sort_keys=True) for c in configs)}
+        varying = [k for k in keys if k not in shared and k not in ("seed", "strategy")]
+        out.append("<h3>Settings shared by every run</h3>" + _table(pd.DataFrame(
+            [{"setting": k, "value": json.dumps(v) if not isinstance(v, str) else v}
+             for k, v in shared.items()])))
+        rows = []
+        by_strategy: dict[str, list[Run]] = {}
+        for r in data.runs:
+            by_strategy.setdefault(r.strategy, []).append(r)
+        for name, group in by_strategy.items():
+            row = {"strategy": name}
+            for k in varying:
+                value = group[0].config.get(k)
+                row[k] = value if isinstance(value, str) else json.dumps(value)
+            row["seeds"] = ", ".join(str(r.seed) for r in group)
+            row["run ids"] = ", ".join(r.id for r in group)
+            rows.append(row)
+        out.append("<h3>Per strategy: settings that differ, seeds and runs</h3>"
+                   + _table(pd.DataFrame(rows)))
+    out.append(f'<p class="meta">kdcore {_e(__version__)} &middot; {_e(data.generated_at)}</p>')
+    body = "\n".join(part for part in out if part)
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>kdcore report: {_e(b.name)}</title><style>{_CSS}</style></head>"
+            f"<body>\n{body}\n</body></html>\n")
+
+
+# --------------------------------------------------------------------------- static output
+
+
+def find_browser() -> str | None:
+    """A Chromium-family browser: $BROWSER_PATH, else the first on PATH."""
+    env = os.environ.get("BROWSER_PATH")
+    if env and Path(env).is_file():
+        return env
+    for name in BROWSERS:
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def static_renderer_problem() -> str | None:
+    """None when png/pdf output can be made here; else what is missing and the fix."""
+    try:
+        import kaleido  # noqa: F401
+    except ImportError:
+        return ("--format png/pdf needs the kaleido package: `pip install kaleido` (it drives "
+                "the system's Chromium); --format html needs neither")
+    if find_browser() is None:
+        return ("--format png/pdf needs Chromium or Chrome (e.g. `apt-get install chromium`, "
+                "or set BROWSER_PATH); --format html needs no browser")
+    return None
+
+
+def render_images(charts: Sequence[Chart], fmt: str, folder: Path) -> list[Path]:
+    """Each chart rendered by kaleido (one browser session for all) into ``folder``."""
+    import plotly.io as pio
+
+    problem = static_renderer_problem()
+    if problem:
+        raise DataError(problem)
+    os.environ.setdefault("BROWSER_PATH", find_browser())
+    paths = [folder / f"{i:02d}-{c.slug}.{fmt}" for i, c in enumerate(charts, 1)]
+    if not charts:
+        return []
+    try:
+        pio.write_images([c.figure for c in charts], paths, format=fmt, width=1000)
+    except Exception as exc:  # kaleido raises many kinds; say what happened in one line
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise KDCoreError(f"rendering the charts with kaleido and {find_browser()} failed: "
+                          f"{type(exc).__name__}: {first}; use --format html") from None
+    return paths
+
+
+def _print_pdf(html_file: Path, out: Path) -> None:
+    browser = find_browser()
+    with tempfile.TemporaryDirectory(prefix="kdcore-chromium-") as profile:
+        cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               "--no-first-run", f"--user-data-dir={profile}", "--no-pdf-header-footer",
+               f"--print-to-pdf={out}", html_file.resolve().as_uri()]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise KDCoreError(f"printing the PDF with {browser} failed ({exc}); use --format "
+                              "html") from None
+    if proc.returncode != 0 or not out.is_file() or out.stat().st_size == 0:
+        tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no output"]
+        raise KDCoreError(f"printing the PDF with {browser} failed: {tail[0]}; use --format html")
+
+
+def write_report(data: ReportData, out: str | Path, fmt: str = "html") -> list[Path]:
+    """Write the report; returns the files written.
+
+    ``html``: one self-contained interactive file. ``pdf``: the same page with the charts
+    rendered statically by kaleido, printed to one PDF by Chromium. ``png``: one PNG per chart,
+    named ``<out stem>-NN-<chart>.png`` next to ``out``.
+    """
+    if fmt not in FORMATS:
+        raise DataError(f"--format {fmt}: use one of {', '.join(FORMATS)}")
+    out = Path(out)
+    if out.is_dir():
+        raise DataError(f"--out {out} is a folder; give a file name such as {out / 'report.html'}")
+    if not out.parent.exists():
+        raise DataError(f"--out {out}: the folder {out.parent} does not exist; create it first")
+    if fmt == "html":
+        out.write_text(render_html(data), encoding="utf-8")
+        return [out]
+    problem = static_renderer_problem()
+    if problem:
+        raise DataError(problem)
+    if fmt == "png":
+        stem = out.stem if out.suffix.lower() == ".png" else out.name
+        written = []
+        with tempfile.TemporaryDirectory(prefix="kdcore-report-") as tmp:
+            for path in render_images(data.charts, "png", Path(tmp)):
+                target = out.parent / f"{stem}-{path.name}"
+                shutil.move(str(path), target)
+                written.append(target)
+        return written
+    with tempfile.TemporaryDirectory(prefix="kdcore-report-") as tmp:
+        tmp = Path(tmp)
+        static = {}
+        for chart, path in zip(data.charts, render_images(data.charts, "svg", tmp), strict=True):
+            static[chart.slug] = ("data:image/svg+xml;base64,"
+                                  + base64.b64encode(path.read_bytes()).decode("ascii"))
+        page = tmp / "report.html"
+        page.write_text(render_html(data, static=static), encoding="utf-8")
+        _print_pdf(page, out.resolve())
+    return [out]
+
+
+def report_html(store: RunStore, bundle: str | Path | Bundle | None = None,
+                run_ids: Sequence[str] | None = None, **options) -> str:
+    """The HTML report in one call (what the dashboard's "Download report" button serves)."""
+    return render_html(build_report(store, bundle, run_ids, **options))
+
+
+def report_download(store: RunStore, **options) -> bytes:
+    """The HTML report as bytes for a download; a problem becomes a one-line page saying what
+    went wrong and the fix, so a download never fails silently."""
+    try:
+        return report_html(store, **options).encode("utf-8")
+    except KDCoreError as exc:
+        return ("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>kdcore report"
+                f"</title></head><body><p>The report could not be built: {_e(exc)}</p>"
+                "</body></html>").encode()
