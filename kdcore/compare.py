@@ -17,11 +17,11 @@ import numpy as np
 from scipy import stats
 
 from kdcore.bundles import Bundle
-from kdcore.errors import KDCoreError
+from kdcore.errors import DataError, KDCoreError
 from kdcore.jobs import execute_run
 from kdcore.losses import parse_strategy
 from kdcore.runs import Run, RunStore
-from kdcore.train import TrainConfig
+from kdcore.train import TrainConfig, per_class_accuracy
 
 DEFAULT_STRATEGIES = ("ce", "kd", "kd+be", "kd+be+br", "kd+be+br+dl")
 BASELINE = "kd"
@@ -225,3 +225,23 @@ def _label(settings: dict[str, str], differing: list[str], norm: str | None) -> 
     if norm is not None:
         parts.append(f"{norm} normalisation")
     return " · ".join(parts)
+
+
+def teacher_per_class(store: RunStore, runs: Sequence[Run]) -> dict[str, float | None]:
+    """The teacher's per-class test accuracy, from the first of ``runs`` with saved predictions.
+
+    Read from a run's artifacts rather than its dataset, so it works for bundles and tabular
+    data alike, and stays correct if the dataset moves after training.
+    """
+    problem = "no runs given"
+    for run in runs:
+        path = store.artifact_dir(run.id) / "test_predictions.npz"
+        try:
+            with np.load(path, allow_pickle=False) as preds:
+                labels, teacher = preds["labels"], preds["teacher_logits"]
+        except (OSError, KeyError, ValueError) as exc:
+            problem = f"run {run.id}: {exc}"
+            continue
+        names = list(run.metrics.get("per_class_accuracy") or range(teacher.shape[1]))
+        return per_class_accuracy(teacher.argmax(1), labels, [str(n) for n in names])
+    raise DataError(f"cannot read the runs' saved test predictions ({problem}); train them again")

@@ -36,7 +36,7 @@ from plotly.subplots import make_subplots
 from kdcore import __version__
 from kdcore.analysis import bundle_table, select
 from kdcore.analysis import report as bias_report
-from kdcore.bundles import Bundle, load_bundle
+from kdcore.bundles import Bundle, load_bundle, load_dataset
 from kdcore.compare import BASELINE, summarise
 from kdcore.errors import DataError, KDCoreError
 from kdcore.roi import (
@@ -117,7 +117,8 @@ def select_runs(store: RunStore, bundle: Bundle | None = None,
         if run.status != "done":
             raise DataError(f"run {run.id} is {run.status}, not done; pass finished runs "
                             "(`kdcore runs` lists them)")
-        this = load_bundle(run.config.get("bundle") or run.bundle)
+        this = load_dataset(run.config.get("bundle") or run.bundle,
+                                  **run.config.get("data_options", {}))
         if run_bundle is None:
             run_bundle = this
         elif Path(this.path) != Path(run_bundle.path):

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from kdcore.bundles import Bundle, load_bundle
+from kdcore.bundles import Bundle, load_bundle, load_dataset
 from kdcore.errors import DataError
 from kdcore.losses import parse_strategy
 from kdcore.models import build_model, count_parameters
@@ -298,7 +298,8 @@ def pick_student(store: RunStore, bundle: Bundle | None = None,
         if run.status != "done":
             raise DataError(f"run {run.id} is {run.status}, not done; pick a finished run "
                             "(`kdcore runs` lists them)")
-        run_bundle = load_bundle(run.config.get("bundle") or run.bundle)
+        run_bundle = load_dataset(run.config.get("bundle") or run.bundle,
+                                  **run.config.get("data_options", {}))
         if bundle is not None and Path(bundle.path).resolve() != Path(run_bundle.path).resolve():
             raise DataError(f"run {run.id} was trained on {run_bundle.path}, not {bundle.path}; "
                             "drop the BUNDLE argument or pick a run of that bundle")

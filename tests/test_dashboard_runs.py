@@ -130,6 +130,7 @@ def test_results_page_never_mixes_runs_trained_with_different_settings(copied_ho
     odd = store.create({**kd.config, "epochs": 3})
     store.start(odd)
     store.finish(odd, {**kd.metrics, "test_accuracy": 0.1})
+    shutil.copy(store.artifact_dir(kd.id) / "test_predictions.npz", store.artifact_dir(odd))
 
     at = open_page(RESULTS)
     assert not at.exception and not at.error

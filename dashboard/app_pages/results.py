@@ -14,8 +14,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import charts, state
-from kdcore.analysis import load_predictions, report, select
-from kdcore.compare import BASELINE, comparable_groups, summarise
+from kdcore.compare import BASELINE, comparable_groups, summarise, teacher_per_class
 from kdcore.errors import KDCoreError
 from kdcore.losses import parse_strategy
 from kdcore.runs import STATUSES, Run
@@ -34,14 +33,6 @@ def _describe(label: str, runs: list[Run]) -> str:
 
 
 # --------------------------------------------------------------------------- cached loaders
-
-
-@st.cache_data(show_spinner="Measuring the teacher per class…", max_entries=8)
-def teacher_per_class(bundle_path: str) -> pd.DataFrame:
-    """The teacher's per-class accuracy on the bundle's test split: columns class, teacher."""
-    per_class = report(select(load_predictions(bundle_path), "test")).per_class
-    return pd.DataFrame({"class": per_class["class"].astype(str),
-                         "teacher": per_class["teacher_accuracy"].astype(float)})
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -163,12 +154,13 @@ def render_per_class(group: list[Run], summary: dict) -> None:
     options = charts.strategy_order(list(summary["strategies"]))
     chosen = st.multiselect("Students to show", options, default=default_students(summary),
                             key="results_class_strategies")
-    bundle_path = group[0].config.get("bundle") or group[0].bundle
     try:
-        frame = teacher_per_class(str(bundle_path))
+        teacher = teacher_per_class(state.store(), group)
     except KDCoreError as exc:
-        state.show_error(exc, prefix="The teacher's per-class accuracy needs its bundle: ")
+        state.show_error(exc, prefix="The teacher's per-class accuracy: ")
         return
+    frame = pd.DataFrame({"class": list(teacher), "teacher": list(teacher.values())})
+    frame["teacher"] = frame["teacher"].astype(float)
     for name in chosen:
         per_seed = pd.DataFrame([r.metrics.get("per_class_accuracy", {})
                                  for r in group if r.strategy == name])
