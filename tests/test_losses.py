@@ -90,7 +90,7 @@ def test_dynamic_weight_falls_from_one_to_zero():
     E = 10
     values = [dynamic_weight(e, E) for e in range(E + 1)]
     assert values[0] == 1.0 and math.isclose(values[-1], 0.0, abs_tol=1e-12)
-    assert all(a > b for a, b in zip(values, values[1:]))
+    assert all(a > b for a, b in zip(values, values[1:], strict=False))
     assert math.isclose(dynamic_weight(5, 10), 0.5)
 
 

@@ -46,7 +46,7 @@ def test_every_strategy_takes_the_same_number_of_steps(bundle):
     for strategy in ("ce", "kd+be+br+dl"):
         seen = []
         config = TrainConfig.for_bundle(bundle, strategy=strategy, epochs=1)
-        train_student(config, bundle, on_progress=lambda s, total, m: seen.append(total))
+        train_student(config, bundle, on_progress=lambda s, total, m, seen=seen: seen.append(total))
         steps[strategy] = seen[-1]
     assert steps["ce"] == steps["kd+be+br+dl"] > 1
 
@@ -96,7 +96,8 @@ def test_summary_pairs_seeds_against_kd(bundle, workspace):
     summary = summarise(runs)
     entry = summary["strategies"]["kd+be+br"]
     per_kd = summary["strategies"]["kd"]["per_seed"]
-    assert entry["delta_vs_kd"]["mean"] == pytest.approx(np.mean(entry["per_seed"]) - np.mean(per_kd))
+    expected = np.mean(entry["per_seed"]) - np.mean(per_kd)
+    assert entry["delta_vs_kd"]["mean"] == pytest.approx(expected)
     assert len(entry["delta_vs_kd"]["ci95"]) == 2
     assert summary["verdict"].endswith(".")
 
@@ -143,8 +144,8 @@ def test_a_detached_job_can_be_cancelled(bundle, workspace):
 
 
 def _cli(*args, workspace):
-    return subprocess.run([sys.executable, "-m", "kdcore.cli", *args, "--workspace", str(workspace)],
-                          capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "kdcore.cli", *args, "--workspace", str(workspace)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 
 def test_cli_train_json_has_the_documented_keys(workspace):
