@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from kdcore import __version__
-from kdcore.bundles import load_bundle
 from kdcore.cli import main
 from kdcore.report import (
     NO_STUDENTS,
@@ -23,31 +22,6 @@ from kdcore.roi import CostAssumptions
 from kdcore.runs import RunStore
 
 CHROMIUM = "/usr/bin/chromium"
-
-
-def train_small_store(ws) -> list:
-    """kd and kd+be+br+dl, 2 seeds each, 2 epochs, trained in this process (a few seconds)."""
-    import torch
-
-    from kdcore.compare import plan
-    from kdcore.jobs import execute_run
-
-    store = RunStore(ws)
-    threads = torch.get_num_threads()
-    try:
-        ids = [store.create(c.to_dict()) for c in
-               plan(load_bundle(None), ["kd", "kd+be+br+dl"], range(2), epochs=2)]
-        for run_id in ids:
-            execute_run(run_id, workspace=store.workspace)
-    finally:
-        torch.set_num_threads(threads)  # execute_run pins one thread
-    return [store.get(i) for i in ids]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    ws = tmp_path_factory.mktemp("report") / "ws"
-    return ws, train_small_store(ws)
 
 
 @pytest.fixture(scope="module")

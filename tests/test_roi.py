@@ -164,29 +164,6 @@ def test_teacher_is_bigger_and_slower_than_student_in_the_same_process():
 # --------------------------------------------------------------------------- runs and the CLI
 
 
-def train_small_store(ws) -> list:
-    """kd and kd+be+br+dl, 2 seeds each, 2 epochs, trained in this process (a few seconds)."""
-    from kdcore.compare import plan
-    from kdcore.jobs import execute_run
-
-    store = RunStore(ws)
-    threads = torch.get_num_threads()
-    try:
-        ids = [store.create(c.to_dict()) for c in
-               plan(load_bundle(None), ["kd", "kd+be+br+dl"], range(2), epochs=2)]
-        for run_id in ids:
-            execute_run(run_id, workspace=store.workspace)
-    finally:
-        torch.set_num_threads(threads)  # execute_run pins one thread
-    return [store.get(i) for i in ids]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    ws = tmp_path_factory.mktemp("roi") / "ws"
-    return ws, train_small_store(ws)
-
-
 def test_roi_document_from_a_store(trained):
     ws, runs = trained
     doc = roi_mod.roi(RunStore(ws), repeats=100, warmup=10, throughput_repeats=5)
