@@ -134,7 +134,7 @@ def test_teacher_never_wrong_gives_empty_top_confusions_and_null_error_shares():
         ([0, -1], np.zeros((2, 3)), {}, "labels row 1 is -1"),
         ([0, 1, 0], [[0, 1], [1, 0], [np.nan, 0]], {}, "row 2 holds NaN or inf"),
         ([0, 1], [[0, np.inf], [1, 0]], {}, "row 0 holds NaN or inf"),
-        ([0, 1], [[0, 1], [-np.inf, 0]], {}, "row 1 holds NaN or inf"),
+        ([0, 1], [[0, 1], [-np.inf, -np.inf]], {}, "row 1 holds NaN or inf"),
         ([], np.zeros((0, 3)), {}, "no rows"),
         (["a", "b"], np.zeros((2, 2)), {}, "pass class_names"),
         (["a", "z"], np.zeros((2, 2)), {"class_names": ["a", "b"]}, "labels row 1 is 'z'"),
@@ -237,3 +237,9 @@ def test_to_dict_is_json_ready():
         "share_of_errors",
     }
     assert decoded["error_confusion"] == report.error_confusion.tolist()
+
+
+def test_a_minus_inf_logit_is_a_zero_probability():
+    report = decompose([0, 1], np.array([[0.0, -np.inf], [-np.inf, 0.0]], dtype=np.float32))
+    assert report.accuracy == 1.0
+    assert np.allclose(report.confidence, 1.0)
