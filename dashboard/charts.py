@@ -21,6 +21,7 @@ RIGHT = "#2CA02C"       # green: correct predictions
 WRONG = "#D62728"       # red: the teacher's bias (its mistakes)
 RECTIFIED = "#2CA02C"   # green: the teacher's distribution after rectification
 SUPPORT = "#BDC3C7"     # light grey: how many samples a class has
+LABEL_ERROR = "#F2A33A"  # amber: a teacher "mistake" that is likely a label error
 ERROR_SCALE = "Reds"
 SERIES = px.colors.qualitative.Safe
 
@@ -43,6 +44,9 @@ def _finish(fig: go.Figure, title: str, *, height: int | None = None) -> go.Figu
 def bias_rate_bars(per_class: pd.DataFrame) -> go.Figure:
     """Teacher bias rate per class (top) with each class's number of samples (bottom).
 
+    With ``label_error_rate`` and ``teacher_bias_rate`` columns (kdcore.label_quality) the
+    top bars are stacked: teacher bias in red, likely label errors in amber.
+
     Reading both panels together tells imbalance from bias: a tall red bar over a short grey
     bar is a rare class the teacher fails on; a tall red bar over a normal grey bar is bias.
     Every point carries ``customdata = [class index]`` so a click can filter a sample view.
@@ -62,11 +66,28 @@ def bias_rate_bars(per_class: pd.DataFrame) -> go.Figure:
     ]
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.7, 0.3],
                         vertical_spacing=0.06)
-    fig.add_trace(go.Bar(
-        x=classes, y=rate, name="bias rate (share wrong)", marker_color=WRONG,
-        text=[f"{r:.0%}" if s else "" for r, s in zip(rate0, support, strict=True)],
-        textposition="outside", customdata=idx, hovertext=hover, hoverinfo="text",
-    ), row=1, col=1)
+    split = ("label_error_rate" in df and df["label_error_rate"].notna().any())
+    if split:  # stacked: teacher bias (red) under likely label errors (amber)
+        le = df["label_error_rate"].to_numpy(dtype=float)
+        tb = df["teacher_bias_rate"].to_numpy(dtype=float)
+        n_le = np.rint(np.nan_to_num(le) * support).astype(int)
+        hover = [f"{h}<br>teacher bias: {w - e}, likely label errors: {e}"
+                 for h, w, e in zip(hover, wrong, n_le, strict=True)]
+        fig.add_trace(go.Bar(
+            x=classes, y=tb, name="teacher bias", marker_color=WRONG, customdata=idx,
+            hovertext=hover, hoverinfo="text"), row=1, col=1)
+        fig.add_trace(go.Bar(
+            x=classes, y=le, name="likely label errors", marker_color=LABEL_ERROR,
+            text=[f"{r:.0%}" if s else "" for r, s in zip(rate0, support, strict=True)],
+            textposition="outside", customdata=idx, hovertext=hover, hoverinfo="text",
+        ), row=1, col=1)
+        fig.update_layout(barmode="stack")
+    else:
+        fig.add_trace(go.Bar(
+            x=classes, y=rate, name="bias rate (share wrong)", marker_color=WRONG,
+            text=[f"{r:.0%}" if s else "" for r, s in zip(rate0, support, strict=True)],
+            textposition="outside", customdata=idx, hovertext=hover, hoverinfo="text",
+        ), row=1, col=1)
     fig.add_trace(go.Bar(
         x=classes, y=support, name="samples in class", marker_color=SUPPORT,
         text=[str(s) for s in support], textposition="outside", customdata=idx,

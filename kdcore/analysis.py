@@ -17,6 +17,8 @@ import pyarrow.parquet as pq
 from kdcore.bias import BiasAccumulator, BiasReport, decompose, predicted_distribution
 from kdcore.bundles import Bundle, is_bundle, load_bundle
 from kdcore.errors import DataError
+from kdcore.label_overrides import load_overrides, sample_keys
+from kdcore.label_quality import LabelQuality, assess, concat
 from kdcore.tables import (
     DEFAULT_MAX_BYTES,
     LOGIT_PREFIX,
@@ -103,20 +105,110 @@ def split_summary(table: PredictionTable) -> dict:
     }
 
 
-def analyze(table: PredictionTable, *, split: str | None = None, top: int = 10) -> dict:
-    """The ``kdcore analyze --json`` document: the (selected) labelled rows, then per split."""
+def bundle_features(bundle: Bundle) -> np.ndarray:
+    """The bundle's inputs, flattened, in the row order of :func:`bundle_table`."""
+    return np.concatenate([bundle.x(s).reshape(len(bundle.x(s)), -1) for s in bundle.splits])
+
+
+def label_quality_by_split(table: PredictionTable, *, features: np.ndarray | None = None,
+                           overrides: dict[str, str] | None = None,
+                           ) -> dict[str | None, tuple[np.ndarray, LabelQuality]]:
+    """Label errors vs teacher bias, assessed split by split (each split on its own).
+
+    Returns ``{split: (labelled row indices in the table, assessment)}`` for every split with
+    labelled rows (key None for a table without a split column). Out-of-sample probabilities:
+    cross-validated from ``features`` (one row per table row) when given, else the teacher's
+    outputs on ``test`` rows (held out); other rows are reported as not assessable.
+    """
+    n = table.n_samples
+    groups = ([(s, table.split == s) for s in table.splits] if table.split is not None
+              else [(None, np.ones(n, dtype=bool))])
+    out = {}
+    for name, mask in groups:
+        positions = np.flatnonzero(mask)
+        ids = None if table.sample_id is None else table.sample_id[positions]
+        keys = sample_keys(len(positions), name, ids)
+        keep = table.labels[positions] >= 0
+        if not keep.any():
+            continue
+        rows = positions[keep]
+        out[name] = (rows, assess(
+            table.labels[rows], table.outputs[rows], probabilities=table.probabilities,
+            class_names=table.class_names,
+            features=None if features is None else features[rows],
+            held_out=name == "test", keys=keys[keep], overrides=overrides))
+    return out
+
+
+def assess_table(table: PredictionTable, *, features: np.ndarray | None = None,
+                 overrides: dict[str, str] | None = None) -> LabelQuality:
+    """:func:`label_quality_by_split` as one assessment, rows in the order of ``report(table)``
+    (the labelled rows in table order)."""
+    parts = label_quality_by_split(table, features=features, overrides=overrides)
+    return _joined(parts, table)
+
+
+def _joined(parts: dict, table: PredictionTable) -> LabelQuality:
+    if not parts:
+        return concat([], table.class_names)
+    rows = np.concatenate([r for r, _ in parts.values()])
+    whole = concat([lq for _, lq in parts.values()], table.class_names)
+    return whole.take(np.argsort(rows, kind="stable"))
+
+
+NO_LABELS = {"available": False, "reason": "no labelled rows: label errors need labels"}
+
+
+def _with_label_quality(entry: dict, lq: LabelQuality) -> dict:
+    """Add ``likely_label_errors`` and the per-class split of the bias rate to a report dict."""
+    entry["likely_label_errors"] = lq.to_dict()
+    counts = lq.per_class_counts() if lq.available else None
+    for i, record in enumerate(entry.get("per_class", [])):
+        support, bias = record.get("support") or 0, record.get("bias_rate")
+        if counts is None or not support or bias is None:
+            record["label_error_rate"] = record["teacher_bias_rate"] = None
+        else:
+            record["label_error_rate"] = float(counts[i] / support)
+            record["teacher_bias_rate"] = float(bias - counts[i] / support)
+    return entry
+
+
+def analyze(table: PredictionTable, *, split: str | None = None, top: int = 10,
+            label_quality: bool = False, features: np.ndarray | None = None,
+            overrides: dict[str, str] | None = None) -> dict:
+    """The ``kdcore analyze --json`` document: the (selected) labelled rows, then per split.
+
+    With ``label_quality`` every labelled part also gets ``likely_label_errors`` and its
+    per-class records ``label_error_rate`` + ``teacher_bias_rate`` (= ``bias_rate``); see
+    :mod:`kdcore.label_quality`. ``features`` (one row per table row) allow cross-validated
+    out-of-sample probabilities; ``overrides`` are the user's verdicts by sample key.
+    """
     chosen = select(table, split)
     doc = {"source": table.source, "split": split}
+    parts = {}
+    if label_quality:
+        chosen_features = (features if features is None or split is None
+                           else features[table.split == split])
+        parts = label_quality_by_split(chosen, features=chosen_features, overrides=overrides)
     if (chosen.labels >= 0).any():
         doc.update(report(chosen).to_dict(top=top))
+        if label_quality:
+            _with_label_quality(doc, _joined(parts, chosen))
     else:
         doc.update(split_summary(chosen), n_classes=table.n_classes, class_names=table.class_names)
+        if label_quality:
+            doc["likely_label_errors"] = dict(NO_LABELS)
     if split is None and len(table.splits) > 1:
         doc["splits"] = {}
         for name in table.splits:
             part = table.subset(name)
-            entry = (report(part).to_dict(top=top) if (part.labels >= 0).any()
-                     else split_summary(part))
+            if (part.labels >= 0).any():
+                entry = report(part).to_dict(top=top)
+                if label_quality:
+                    rows, lq = parts[name]
+                    _with_label_quality(entry, lq)
+            else:
+                entry = split_summary(part)
             entry["meaning"] = SPLIT_MEANING[name]
             doc["splits"][name] = entry
     return doc
@@ -160,11 +252,30 @@ def should_stream(path: str | Path | None, stream: bool | None = None) -> bool:
 
 
 def analyze_path(path: str | Path | None = None, *, split: str | None = None, top: int = 10,
-                 stream: bool | None = None) -> dict:
-    """``kdcore analyze``: a bundle or table in memory, or a large Parquet table streamed."""
+                 stream: bool | None = None, workspace: str | Path | None = None) -> dict:
+    """``kdcore analyze``: a bundle or table in memory, or a large Parquet table streamed.
+
+    In memory, the document has ``likely_label_errors`` (label errors vs teacher bias, with the
+    workspace's overrides); a streamed table does not (it needs a split's rows at once).
+    """
     if should_stream(path, stream):
         return analyze_stream(path, split=split, top=top)
-    return analyze(load_predictions(path), split=split, top=top)
+    features = None
+    if path is None or is_bundle(path):
+        bundle = load_bundle(path)
+        table, features = bundle_table(bundle), bundle_features(bundle)
+    else:
+        table = load_predictions(path)
+    overrides = load_overrides(workspace, table.source)
+    return analyze(table, split=split, top=top, label_quality=True, features=features,
+                   overrides=overrides)
+
+
+STREAMED_LABEL_QUALITY = {
+    "available": False,
+    "reason": "the table was streamed chunk by chunk; label checks need a split's rows in "
+              "memory (analyse one split, or a smaller table)",
+}
 
 
 class _Part:

@@ -59,9 +59,11 @@ def _progress(enabled: bool, total: int, desc: str, unit: str):
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from kdcore.analysis import analyze_path
+    from kdcore.analysis import STREAMED_LABEL_QUALITY, analyze_path
 
-    doc = analyze_path(args.path, split=args.split, top=args.top, stream=args.stream or None)
+    doc = analyze_path(args.path, split=args.split, top=args.top, stream=args.stream or None,
+                       workspace=args.workspace)
+    doc.setdefault("likely_label_errors", dict(STREAMED_LABEL_QUALITY))
     if args.json:
         emit_json(doc)
         return 0
@@ -80,6 +82,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     per_class = pd.DataFrame(doc["per_class"])[
         ["class", "support", "teacher_accuracy", "bias_rate", "most_confused_with"]].fillna("-")
     print(per_class.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    lq = doc["likely_label_errors"]
+    if lq.get("available"):
+        print(f"\nOf {lq['n_teacher_wrong']} teacher mistakes, {lq['count']} look like label "
+              f"errors (the teacher is probably right) and {lq['n_teacher_wrong'] - lq['count']} "
+              f"like teacher bias ({lq['method']}).")
+    else:
+        print(f"\nLabel errors vs teacher bias: not assessed ({lq['reason']}).")
     if doc["top_confusions"]:
         print("\nTop confusions (true -> teacher's prediction):")
         print(pd.DataFrame(doc["top_confusions"]).to_string(
@@ -94,7 +103,7 @@ def _train_overrides(args: argparse.Namespace) -> dict:
     return {
         "epochs": args.epochs, "lr": args.lr, "temperature": args.temperature,
         "lam": args.lam, "normalisation": args.normalisation, "batch_size": args.batch_size,
-        "device": args.device,
+        "device": args.device, "lq_drop_ce": getattr(args, "lq_drop_ce", None) or None,
     }
 
 
@@ -125,7 +134,7 @@ def _load_training_data(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from kdcore import distributed
+    from kdcore import distributed, label_overrides
     from kdcore.jobs import execute_distributed, execute_run
     from kdcore.runs import RunStore
     from kdcore.train import Cancelled, TrainConfig
@@ -134,6 +143,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig.for_bundle(bundle, strategy=args.strategy, seed=args.seed,
                                     **_train_overrides(args))
     store = RunStore(args.workspace)
+    label_overrides.attach(config, store.workspace)
     if distributed.launched_by_torchrun():  # every rank runs this; rank 0 owns the run
         distributed.init_process_group(config.device)
         try:
@@ -414,6 +424,8 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
                    help="batch (default) or subset (the paper's); see README")
     g.add_argument("--batch-size", type=int)
     g.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--lq-drop-ce", action="store_true",
+                   help="with +lq: also leave likely label errors out of the label loss (CE)")
     t = p.add_argument_group("tabular data (a CSV/Parquet file instead of a bundle folder)")
     t.add_argument("--label-column", help="the column with each row's class (default: label)")
     t.add_argument("--teacher-logits", metavar="PATH",
@@ -446,8 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=DEMO_SEEDS)
     p.add_argument("--workers", type=int, default=2, help="parallel training processes")
 
-    p = command("analyze", cmd_analyze, "teacher-bias analysis of a bundle or prediction table",
-                workspace=False)
+    p = command("analyze", cmd_analyze, "teacher-bias analysis of a bundle or prediction table")
     p.add_argument("path", nargs="?", help="bundle folder or CSV/Parquet table (default: the sample)")
     p.add_argument("--split", choices=["train", "unlabelled", "test"])
     p.add_argument("--top", type=int, default=10, help="how many top confusions")
@@ -459,7 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", nargs="?",
                    help="bundle folder or CSV/Parquet tabular file (default: the sample)")
     p.add_argument("--strategy", default="kd+be+br+dl",
-                   help="ce, kd, dkd, each with +be +br +dl; or btkd (the paper's exact recipe)")
+                   help="ce, kd, dkd, each with +be +br +dl +lq; or btkd (the paper's exact "
+                        "recipe)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--nproc", type=int, default=1,

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from kdcore import label_overrides
 from kdcore.bundles import Bundle
 from kdcore.errors import DataError, KDCoreError
 from kdcore.jobs import execute_run
@@ -43,6 +44,7 @@ def run_all(store: RunStore, configs: Sequence[TrainConfig], *, workers: int = 2
     runs: dict[int, Run] = {}
     todo: dict[int, str] = {}
     for i, config in enumerate(configs):
+        label_overrides.attach(config, store.workspace)
         done = store.find_done(config.to_dict())
         if done is not None:
             runs[i] = done

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from kdcore import label_overrides
 from kdcore.bundles import load_dataset
 from kdcore.distributed import init_process_group, rank_and_world, shutdown
 from kdcore.errors import DataError, KDCoreError
@@ -106,6 +107,7 @@ def execute_distributed(run_id: str, workspace: str, threads: int, device: str,
 def start_job(config: TrainConfig, *, workspace: str | Path | None = None) -> str:
     """Queue a run and train it in a detached process; returns the run id at once."""
     store = RunStore(workspace)
+    label_overrides.attach(config, store.workspace)
     run_id = store.create(config.to_dict())
     log = (store.artifact_dir(run_id) / LOG_FILE).open("ab")
     env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -72,7 +72,7 @@ def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, alp
 
 
 BASE_LOSSES: dict[str, Callable[..., Tensor]] = {"kd": kd_per_sample, "dkd": dkd_per_sample}
-PARTS = ("be", "br", "dl")
+PARTS = ("be", "br", "dl", "lq")
 
 
 def swap_rectify(teacher_logits: Tensor, labels: Tensor) -> Tensor:
@@ -101,6 +101,7 @@ class Strategy:
     be: bool = False
     br: bool = False
     dl: bool = False
+    lq: bool = False  # label-quality aware: likely label errors are not rectified
     normalisation: str = "batch"
 
     @property
@@ -120,7 +121,7 @@ BTKD = "btkd"  # the paper's exact recipe: kd+be+br+dl, subset normalisation, co
 
 
 def parse_strategy(text: str, *, normalisation: str = "batch") -> Strategy:
-    """Parse ``base[+part...]`` (parts be, br, dl in any order) or ``btkd``."""
+    """Parse ``base[+part...]`` (parts be, br, dl, lq in any order) or ``btkd``."""
     text = text.strip().lower()
     if text == BTKD:
         return Strategy("kd", be=True, br=True, dl=True, normalisation="subset")
@@ -139,6 +140,9 @@ def parse_strategy(text: str, *, normalisation: str = "batch") -> Strategy:
         raise DataError(f"strategy {text!r}: ce trains on labels alone and takes no parts")
     if "dl" in parts and not ({"be", "br"} & set(parts)):
         raise DataError(f"strategy {text!r}: dl schedules be/br, so add +be or +br")
+    if "lq" in parts and not ({"be", "br"} & set(parts)):
+        raise DataError(f"strategy {text!r}: lq keeps likely label errors out of be/br, so add "
+                        "+be or +br")
     if normalisation not in ("batch", "subset"):
         raise DataError(f"normalisation {normalisation!r}: use batch or subset")
     return Strategy(base, **{p: True for p in parts}, normalisation=normalisation)
@@ -188,7 +192,8 @@ class LossParts:
 def strategy_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *,
                   strategy: Strategy, epoch: int, epochs: int, temperature: float = 4.0,
                   lam: float = 0.5, dkd_alpha: float = 1.0, dkd_beta: float = 8.0,
-                  dkd_warmup: int = 20) -> LossParts:
+                  dkd_warmup: int = 20, suspect: Tensor | None = None,
+                  drop_ce: bool = False) -> LossParts:
     """``lam * CE + (1 - lam) * D`` for one batch; rows with label -1 are unlabelled transfer data.
 
     D is the base distillation loss with the strategy's parts: right rows weigh ``b``, wrong
@@ -196,19 +201,29 @@ def strategy_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor
     with weight ``1 - b``; ``b`` follows ``dynamic_weight`` with DL and both weights are 1
     without it. Unlabelled rows always get plain Hinton KD (no bias can be identified there).
     It is one weighted sum of one per-sample loss, whatever the parts.
+
+    With ``+lq``, ``suspect`` (bool per row) marks likely label errors: a wrong row that is
+    suspect is not rectified nor eliminated but distilled from the original teacher like a
+    right row (the teacher is probably right there); with ``drop_ce`` its CE weight is 0 too.
     """
     labelled = labels != UNLABELLED
     safe_labels = labels.clamp(min=0)
     ce_rows = F.cross_entropy(student_logits, safe_labels, reduction="none")
+    trusted = labelled
+    doubted = torch.zeros_like(labelled)
+    if strategy.lq and suspect is not None:
+        doubted = labelled & suspect.bool() & (teacher_logits.argmax(1) != labels)
+        if drop_ce:
+            trusted = labelled & ~doubted
     n_labelled = labelled.sum()
-    ce = (ce_rows * labelled).sum() / n_labelled.clamp(min=1)
+    ce = (ce_rows * trusted).sum() / trusted.sum().clamp(min=1)
     if not strategy.distills:
         return LossParts(ce, 1.0)
 
     unlabelled = ~labelled
     teacher, wrong = teacher_logits, torch.zeros_like(labelled)
     if strategy.bias_aware:
-        wrong = labelled & (teacher_logits.argmax(1) != labels)
+        wrong = labelled & (teacher_logits.argmax(1) != labels) & ~doubted
         if strategy.br:
             teacher = torch.where(wrong.unsqueeze(1), swap_rectify(teacher_logits, safe_labels),
                                   teacher_logits)

@@ -63,6 +63,11 @@ class TrainConfig:
     # How to reload a tabular dataset (label_column, teacher_logits, split_column, test_size,
     # split_seed, hidden); empty for a bundle folder. See kdcore.bundles.load_dataset.
     data_options: dict = field(default_factory=dict)
+    # +lq (label-quality aware): also leave likely label errors out of CE (default: only out
+    # of rectification), and the user's verdict overrides in force for the data
+    # ({sample_key: "label_error" | "teacher_bias"}, see kdcore.label_overrides).
+    lq_drop_ce: bool = False
+    label_overrides: dict = field(default_factory=dict)
 
     @classmethod
     def for_bundle(cls, bundle: Dataset, **overrides) -> TrainConfig:
@@ -85,8 +90,9 @@ class TrainConfig:
         """The config as stored with the run. Empty ``data_options`` (a bundle) are left out, so
         a bundle run's config, and the key that finds identical runs, stay as before."""
         values = asdict(self)
-        if not values["data_options"]:
-            del values["data_options"]
+        for key in ("data_options", "label_overrides", "lq_drop_ce"):  # at their defaults: left
+            if not values[key]:                # out, so earlier runs' configs keep their keys
+                del values[key]
         return values
 
 
@@ -122,9 +128,13 @@ def _make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
 def fit(model: torch.nn.Module, config: TrainConfig, *, x_train: np.ndarray, y_train: np.ndarray,
         teacher_train: np.ndarray | None = None, x_transfer: np.ndarray | None = None,
         teacher_transfer: np.ndarray | None = None, x_test: np.ndarray | None = None,
-        y_test: np.ndarray | None = None, on_progress: ProgressFn | None = None,
+        y_test: np.ndarray | None = None, suspect_train: np.ndarray | None = None,
+        on_progress: ProgressFn | None = None,
         should_cancel: Callable[[], bool] | None = None, progress_every: int = 10) -> FitResult:
-    """Train `model` in place with the config's strategy; evaluate on the test split each epoch."""
+    """Train `model` in place with the config's strategy; evaluate on the test split each epoch.
+
+    ``suspect_train`` (bool per labelled row) marks likely label errors for ``+lq``.
+    """
     strategy = config.parsed()
     if strategy.distills and teacher_train is None:
         raise DataError(f"strategy {strategy.name} distils, but no teacher outputs were given")
@@ -140,6 +150,8 @@ def fit(model: torch.nn.Module, config: TrainConfig, *, x_train: np.ndarray, y_t
 
     xs, ys, ts = tensor(x_train), tensor(y_train, torch.long), tensor(teacher_train)
     xu, tu = tensor(x_transfer), tensor(teacher_transfer)
+    ss = (tensor(suspect_train, torch.bool)
+          if strategy.lq and suspect_train is not None else None)
     xt, yt = tensor(x_test), tensor(y_test, torch.long)
     n, nu = len(xs), 0 if xu is None else len(xu)
     bs, bu = min(config.batch_size, n), config.unlabelled_batch_size
@@ -165,20 +177,25 @@ def fit(model: torch.nn.Module, config: TrainConfig, *, x_train: np.ndarray, y_t
             labelled_pos += bs
             inputs, labels = xs[idx], ys[idx]
             teacher = ts[idx] if ts is not None else None
+            suspect = ss[idx] if ss is not None else None
             if nu and strategy.distills:
                 uidx = transfer_order[(i * bu) % nu : (i * bu) % nu + bu].to(device)
                 inputs = torch.cat([inputs, xu[uidx]])
                 labels = torch.cat([labels, torch.full((len(uidx),), UNLABELLED, device=device)])
                 teacher = torch.cat([teacher, tu[uidx]])
+                if suspect is not None:
+                    suspect = torch.cat([suspect, torch.zeros(len(uidx), dtype=torch.bool,
+                                                              device=device)])
             if world > 1:  # this rank's strided share of the global batch
-                inputs, labels, teacher = (None if t is None else t[rank::world]
-                                           for t in (inputs, labels, teacher))
+                inputs, labels, teacher, suspect = (None if t is None else t[rank::world]
+                                                    for t in (inputs, labels, teacher, suspect))
             logits = net(inputs)
             parts = strategy_loss(
                 logits, teacher if teacher is not None else logits.detach(), labels,
                 strategy=strategy, epoch=epoch, epochs=config.epochs,
                 temperature=config.temperature, lam=config.lam, dkd_alpha=config.dkd_alpha,
-                dkd_beta=config.dkd_beta, dkd_warmup=config.dkd_warmup)
+                dkd_beta=config.dkd_beta, dkd_warmup=config.dkd_warmup, suspect=suspect,
+                drop_ce=config.lq_drop_ce)
             if not torch.isfinite(parts.total):
                 raise KDCoreError(f"loss became {float(parts.total)} at epoch {epoch}; lower --lr")
             opt.zero_grad(set_to_none=True)
@@ -270,14 +287,18 @@ def train_student(config: TrainConfig, bundle: Dataset | None = None, *,
     torch.manual_seed(config.seed)  # the initial weights are part of the seed's run
     model = build_model(bundle.student_spec)
     has_transfer = "unlabelled" in bundle.splits
+    suspect, lq_info = None, {}
+    if config.parsed().lq:
+        suspect, lq_info = likely_label_errors(bundle, config.label_overrides)
     result = fit(
         model, config, x_train=bundle.x("train"), y_train=bundle.y("train"),
         teacher_train=bundle.teacher_logits("train"),
         x_transfer=bundle.x("unlabelled") if has_transfer else None,
         teacher_transfer=bundle.teacher_logits("unlabelled") if has_transfer else None,
-        x_test=bundle.x("test"), y_test=bundle.y("test"),
+        x_test=bundle.x("test"), y_test=bundle.y("test"), suspect_train=suspect,
         on_progress=on_progress, should_cancel=should_cancel)
     metrics = evaluate(result.test_logits, bundle)
+    metrics.update(lq_info)
     metrics.update(
         best_test_accuracy=result.best_test_accuracy,
         best_epoch=result.best_epoch,
@@ -288,6 +309,29 @@ def train_student(config: TrainConfig, bundle: Dataset | None = None, *,
         world_size=rank_and_world()[1],
     )
     return model, result, metrics
+
+
+def likely_label_errors(bundle: Dataset, overrides: dict | None = None,
+                        ) -> tuple[np.ndarray, dict]:
+    """Per labelled training row, whether it is a likely label error (for ``+lq``), and a summary.
+
+    Out-of-sample probabilities are cross-validated on the training inputs (see
+    kdcore.label_quality); the user's overrides win. When the rows cannot be assessed nothing
+    is flagged and the summary says why.
+    """
+    from kdcore.label_overrides import sample_keys
+    from kdcore.label_quality import assess
+
+    y = bundle.y("train")
+    ids = bundle.sample_ids("train") if hasattr(bundle, "sample_ids") else None
+    lq = assess(y, bundle.teacher_logits("train"), class_names=bundle.class_names,
+                features=bundle.x("train"), keys=sample_keys(len(y), "train", ids),
+                overrides=overrides)
+    info = {"lq_flagged": int(lq.likely_label_error.sum()),
+            "lq_teacher_wrong": int(lq.teacher_wrong.sum())}
+    if not lq.available:
+        info["lq_note"] = lq.reason
+    return lq.likely_label_error.copy(), info
 
 
 def save_artifacts(directory: Path, model: torch.nn.Module, result: FitResult,

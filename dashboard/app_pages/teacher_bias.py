@@ -7,9 +7,11 @@ import streamlit as st
 import torch
 
 from dashboard import charts, state
-from kdcore.analysis import SPLIT_MEANING, report, select
+from kdcore.analysis import SPLIT_MEANING, assess_table, bundle_features, report, select
 from kdcore.bias import reliability
 from kdcore.errors import KDCoreError
+from kdcore.label_overrides import load_overrides, set_override
+from kdcore.label_quality import LABEL_ERROR, TEACHER_BIAS, split_rates
 from kdcore.losses import swap_rectify
 
 ALL = "all"
@@ -27,6 +29,30 @@ def analyse(token: str, split: str | None, _table) -> dict:
     rep = report(chosen)
     return {"report": rep, "rows": rows,
             "reliability": reliability(rep.confidence, ~rep.wrong, n_bins=10)}
+
+
+@st.cache_resource(show_spinner="Checking which mistakes look like label errors…",
+                   max_entries=16)
+def label_check(token: str, split: str | None, _table, _bundle):
+    """Label errors vs teacher bias (cleanlab), before the user's overrides; aligned with the
+    rows of ``analyse``'s report. Cached as a resource: overrides are applied to a copy."""
+    features = None
+    if _bundle is not None:
+        features = bundle_features(_bundle)
+        if split is not None:
+            features = features[_table.split == split]
+    return assess_table(select(_table, split), features=features)
+
+
+VERDICT_TEXT = {TEACHER_BIAS: "teacher bias", LABEL_ERROR: "label error"}
+KINDS = {"all": "All mistakes", TEACHER_BIAS: "Teacher bias", LABEL_ERROR: "Label errors"}
+
+
+def save_verdict(source_name: str, key: str, widget: str) -> None:
+    """on_change of a sample's verdict selectbox: store (or clear) the override."""
+    choice = st.session_state.get(widget)
+    set_override(state.workspace(), source_name, key,
+                 None if choice == "detected" else choice)
 
 
 @st.cache_data(show_spinner=False, max_entries=4)
@@ -114,6 +140,16 @@ except KDCoreError as exc:
 rep, rows = result["report"], result["rows"]
 names = rep.class_names
 n_wrong = int(rep.wrong.sum())
+bundle = state.source_bundle(source)
+try:
+    lq = label_check(token, split, table, bundle).take(np.arange(rep.n_samples))  # a copy
+    lq.apply_overrides(load_overrides(state.workspace(), table.source))
+except (KDCoreError, ValueError) as exc:  # the analysis above still stands
+    state.show_error(exc, "Label errors vs teacher bias: ")
+    lq = None
+checked = lq is not None and lq.available
+per_class = split_rates(rep.per_class, lq) if checked else rep.per_class
+verdicts = lq.verdict if checked else np.full(rep.n_samples, "", dtype=object)
 
 m1, m2, m3, m4 = st.columns(4)
 m1.metric("Teacher accuracy", f"{rep.accuracy:.1%}", help="Share of these rows it gets right.")
@@ -121,22 +157,45 @@ m2.metric("Bias rate", f"{rep.bias_rate:.1%}",
           help="Share of these rows it gets wrong: the teacher's bias that a student may copy.")
 m3.metric("Mistakes", f"{n_wrong:,}", help="Rows where the teacher's top class is not the label.")
 m4.metric("Rows analysed", f"{rep.n_samples:,}")
+if checked:
+    n_le = int(lq.likely_label_error.sum())
+    st.markdown(
+        f"**Trust the label or the teacher?** Of the {n_wrong:,} mistakes, **{n_le:,}** look "
+        f"like label errors (the teacher is probably right) and **{n_wrong - n_le:,}** like "
+        "teacher bias." + (f" {int(lq.overridden.sum())} verdicts are yours (overrides)."
+                           if lq.overridden.any() else ""),
+        help=f"{lq.method}. {lq.note} Training with +lq leaves likely label errors out of "
+             "rectification. Override a verdict in the sample view below.")
+elif lq is not None:
+    st.info(f"Label errors vs teacher bias: not assessed here: {lq.reason}.",
+            icon=":material/info:")
 
 # ---------------------------------------------------------------- per class and confusion
 c1, c2 = st.columns(2)
 with c1:
-    st.plotly_chart(charts.bias_rate_bars(rep.per_class), key=f"bias_bars_{split_choice}",
+    st.plotly_chart(charts.bias_rate_bars(per_class), key=f"bias_bars_{split_choice}",
                     on_select="rerun", selection_mode=("points",), width="stretch")
-    st.caption("Red: share of the class the teacher gets wrong. Grey: how many samples the "
-               "class has, so a rare class is not mistaken for a biased one. Click a bar to "
-               "see that class's mistakes below.")
+    st.caption("Red: share of the class the teacher gets wrong"
+               + (" because of its own bias; amber: mistakes that look like label errors "
+                  "(the teacher is probably right)" if checked else "")
+               + ". Grey: how many samples the class has, so a rare class is not mistaken "
+               "for a biased one. Click a bar to see that class's mistakes below.")
 with c2:
     heatmap = st.container()
+    kind = st.segmented_control(
+        "Mistakes shown", list(KINDS), default="all", format_func=KINDS.get,
+        key="bias_heatmap_kind", disabled=not checked,
+        help="Split the confusion into the teacher's own bias and likely label errors."
+        if checked else "Label errors could not be assessed for these rows.") or "all"
     norm = st.toggle("Row-normalised", key="bias_normalise",
                      help="Off: number of samples. On: each row shows how that class's "
                           "mistakes divide among the wrong classes.")
+    confusion = rep.error_confusion
+    if checked and kind != "all":
+        le_conf = lq.label_error_confusion()
+        confusion = le_conf if kind == LABEL_ERROR else confusion - le_conf
     heatmap.plotly_chart(
-        charts.error_confusion_heatmap(rep.error_confusion, names, normalise=norm),
+        charts.error_confusion_heatmap(confusion, names, normalise=norm),
         key=f"bias_heatmap_{split_choice}", on_select="rerun", selection_mode=("points",),
         width="stretch")
     st.caption("Rows: true class; columns: what the teacher said. Click a cell to see those "
@@ -163,7 +222,6 @@ pred_c = f2.selectbox("Teacher said", class_options, key="bias_pred",
                       format_func=lambda i: "any" if i == ANY else names[i])
 only_wrong = f3.toggle("Mistakes only", value=True, key="bias_only_wrong")
 default_t = 4.0
-bundle = state.source_bundle(source)
 if bundle is not None:
     default_t = float(bundle.training_defaults.get("temperature", default_t))
 temperature = f4.slider("Temperature", 1.0, 10.0, default_t, 0.5, key="bias_temperature",
@@ -180,9 +238,12 @@ if pred_c != ANY:
     mask &= rep.predicted == pred_c
 if only_wrong:
     mask &= rep.wrong
+if checked and kind != "all":  # the kind picked above the heatmap filters the samples too
+    mask &= verdicts == kind
 picked = np.flatnonzero(mask)
 what = (f"true class {'any' if true_c == ANY else names[true_c]}, teacher said "
-        f"{'any' if pred_c == ANY else names[pred_c]}" + (", mistakes only" if only_wrong else ""))
+        f"{'any' if pred_c == ANY else names[pred_c]}" + (", mistakes only" if only_wrong else "")
+        + (f", {KINDS[kind].lower()} only" if checked and kind != "all" else ""))
 if not len(picked):
     st.info(f"No samples match ({what}). Click a bar or a cell above, or change the filters.")
 else:
@@ -214,6 +275,23 @@ else:
                 charts.probability_bars(names, teacher_p[i], rect_p[i],
                                         true_class=int(rep.labels[s]), title=title),
                 key=f"bias_probs_{i}", width="stretch")
+            if checked and rep.wrong[s]:
+                sample_key = str(lq.keys[s])
+                detected = VERDICT_TEXT[LABEL_ERROR if lq.flagged is not None and (
+                    lq.flagged[s] and lq.model_pred[s] == rep.predicted[s]) else TEACHER_BIAS]
+                widget = f"bias_verdict_{table.source}_{sample_key}"
+                current = verdicts[s] if lq.overridden[s] else "detected"
+                if st.session_state.get(widget) not in ("detected", *VERDICT_TEXT):
+                    st.session_state[widget] = current
+                target.selectbox(
+                    f"Verdict (label quality {lq.label_quality[s]:.2f})",
+                    ["detected", TEACHER_BIAS, LABEL_ERROR], key=widget,
+                    format_func=lambda v, d=detected: (f"detected: {d}" if v == "detected"
+                                                       else f"override: {VERDICT_TEXT[v]}"),
+                    on_change=save_verdict, args=(table.source, sample_key, widget),
+                    help="Label quality (cleanlab): near 0 the label looks wrong, near 1 "
+                         "it looks right. Your choice is stored in the workspace and used by "
+                         "the analysis and by training with +lq.")
 
 # ---------------------------------------------------------------- pairs and confidence
 st.subheader("Most confused pairs")
@@ -238,9 +316,13 @@ st.caption("A teacher that is confidently wrong passes its mistakes on as strong
            "this is the bias that elimination and rectification are meant to stop.")
 
 with st.expander("Per-class table"):
-    st.dataframe(rep.per_class, hide_index=True, width="stretch", column_config={
+    st.dataframe(per_class, hide_index=True, width="stretch", column_config={
         "teacher_accuracy": st.column_config.NumberColumn("teacher accuracy", format="percent"),
         "bias_rate": st.column_config.NumberColumn("bias rate", format="percent"),
+        "teacher_bias_rate": st.column_config.NumberColumn("of which teacher bias",
+                                                           format="percent"),
+        "label_error_rate": st.column_config.NumberColumn("of which label errors",
+                                                          format="percent"),
         "mean_confidence_wrong": st.column_config.NumberColumn("confidence when wrong",
                                                                format="percent"),
         "share_of_errors": st.column_config.NumberColumn("share of mistakes", format="percent"),

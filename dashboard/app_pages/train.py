@@ -22,7 +22,8 @@ from kdcore.jobs import LOG_FILE, cancel_job, start_job
 from kdcore.runs import Run, RunStore, config_key
 from kdcore.train import TrainConfig
 
-STRATEGIES = (*DEFAULT_STRATEGIES, "dkd", "dkd+be", "dkd+be+br", "dkd+be+br+dl", "btkd")
+STRATEGIES = (*DEFAULT_STRATEGIES, "kd+be+br+dl+lq", "dkd", "dkd+be", "dkd+be+br", "dkd+be+br+dl",
+              "btkd")
 MANY_AT_ONCE = 10  # warn above this many processes started together
 RECENT = 10  # finished runs listed under the live panel
 REFRESH_S = 2
