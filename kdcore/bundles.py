@@ -18,12 +18,14 @@ import zipfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from kdcore.errors import DataError
-from kdcore.models import build_model
+
+if TYPE_CHECKING:
+    import torch
 
 SAMPLE_NAME = "digits_vendor"
 SPLITS = ("train", "unlabelled", "test")
@@ -107,6 +109,10 @@ class Bundle:
     def load_teacher(self) -> torch.nn.Module:
         """The teacher in eval mode, weights loaded without unpickling code."""
         weights = self.member(self.manifest["teacher"]["weights"])
+        import torch  # here, not at the top: analysing a bundle needs no torch (1.5 s to import)
+
+        from kdcore.models import build_model
+
         model = build_model(self.teacher_spec)
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
