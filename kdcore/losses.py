@@ -1,4 +1,4 @@
-"""Distillation losses and the bias-aware wrapper (bias elimination, rectification, dynamic learning).
+"""Distillation losses and the bias-aware wrapper: elimination, rectification, dynamic learning.
 
 Every base loss is registered as a *per-sample* function ``(student, teacher, targets, *,
 temperature, **options) -> (B,)`` whose batch mean equals the usual reduced loss. Per-sample
@@ -75,17 +75,19 @@ BASE_LOSSES: dict[str, Callable[..., Tensor]] = {"kd": kd_per_sample, "dkd": dkd
 PARTS = ("be", "br", "dl", "lq")
 
 
-def swap_rectify(teacher_logits: Tensor, labels: Tensor) -> Tensor:
-    """Swap each row's top logit with its ground-truth logit (vectorised).
+def swap_rectify(teacher_logits: Tensor, labels: Tensor, predicted: Tensor | None = None) -> Tensor:
+    """Swap each row's top logit with its ground-truth logit (vectorised, one copy).
 
     After softmax the two probabilities trade places: the label becomes the argmax and every
     other class keeps its probability. Rows the teacher already gets right are unchanged.
+    ``predicted`` (the rows' argmax) may be passed when it is already known.
     """
-    predicted = teacher_logits.argmax(1, keepdim=True)
-    target = labels.unsqueeze(1)
+    if predicted is None:
+        predicted = teacher_logits.argmax(1)
+    predicted, target = predicted.unsqueeze(1), labels.unsqueeze(1)
     top = teacher_logits.gather(1, predicted)
     at_label = teacher_logits.gather(1, target)
-    return teacher_logits.scatter(1, target, top).scatter(1, predicted, at_label)
+    return teacher_logits.clone().scatter_(1, target, top).scatter_(1, predicted, at_label)
 
 
 def dynamic_weight(epoch: int, epochs: int) -> float:
@@ -160,13 +162,16 @@ class LossParts:
     b: float
     per_sample: Tensor | None = None  # detached distillation loss per row
     ce_value: Tensor | None = None
-    masks: tuple[Tensor, Tensor, Tensor] | None = None  # right, wrong, unlabelled
-    scales: tuple[Tensor, Tensor, Tensor] | None = None  # per-row normaliser of each subset
+    labelled: Tensor | None = None
+    wrong: Tensor | None = None  # teacher-wrong rows that the strategy treats as its bias
+    scales: tuple[Tensor, Tensor, Tensor] | None = None  # right, wrong, unlabelled; None: 1/B
 
     def _term(self, i: int) -> float:
         if self.per_sample is None:
             return 0.0
-        return float((self.per_sample * self.masks[i] * self.scales[i]).sum())
+        mask = (self.labelled & ~self.wrong, self.wrong, ~self.labelled)[i]
+        scale = 1.0 / len(self.per_sample) if self.scales is None else self.scales[i]
+        return float((self.per_sample * mask).sum() * scale)
 
     @property
     def ce(self) -> float:
@@ -186,7 +191,7 @@ class LossParts:
 
     @property
     def n_wrong(self) -> int:
-        return 0 if self.masks is None else int(self.masks[1].sum())
+        return 0 if self.wrong is None else int(self.wrong.sum())
 
 
 def strategy_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *,
@@ -211,8 +216,9 @@ def strategy_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor
     ce_rows = F.cross_entropy(student_logits, safe_labels, reduction="none")
     trusted = labelled
     doubted = torch.zeros_like(labelled)
+    predicted = teacher_logits.argmax(1) if strategy.bias_aware or strategy.lq else None
     if strategy.lq and suspect is not None:
-        doubted = labelled & suspect.bool() & (teacher_logits.argmax(1) != labels)
+        doubted = labelled & suspect.bool() & (predicted != labels)
         if drop_ce:
             trusted = labelled & ~doubted
     n_labelled = labelled.sum()
@@ -220,36 +226,36 @@ def strategy_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor
     if not strategy.distills:
         return LossParts(ce, 1.0)
 
-    unlabelled = ~labelled
     teacher, wrong = teacher_logits, torch.zeros_like(labelled)
     if strategy.bias_aware:
-        wrong = labelled & (teacher_logits.argmax(1) != labels) & ~doubted
-        if strategy.br:
-            teacher = torch.where(wrong.unsqueeze(1), swap_rectify(teacher_logits, safe_labels),
-                                  teacher_logits)
-    right = labelled & ~wrong
+        wrong = labelled & (predicted != labels) & ~doubted
+        if strategy.br:  # swapping a row's argmax with itself leaves it as it is
+            teacher = swap_rectify(teacher_logits, torch.where(wrong, labels, predicted),
+                                   predicted)
     base = BASE_LOSSES[strategy.base]
     options = {"alpha": dkd_alpha, "beta": dkd_beta} if strategy.base == "dkd" else {}
     per_sample = base(student_logits, teacher, safe_labels, temperature=temperature, **options)
-    if strategy.base != "kd" and bool(unlabelled.any()):
+    if strategy.base != "kd" and not bool(labelled.all()):
         transfer_ps = kd_per_sample(student_logits, teacher_logits, temperature=temperature)
         per_sample = torch.where(labelled, per_sample, transfer_ps)
 
     b = dynamic_weight(epoch, epochs) if strategy.dl else 1.0
     w_right = b
     w_wrong = (1.0 - b if strategy.dl else 1.0) if strategy.br else 0.0
-    if not strategy.bias_aware:
-        w_wrong = 1.0  # vanilla: wrong rows distilled from the original teacher
-    masks = (right, wrong, unlabelled)
-    if strategy.normalisation == "subset" and strategy.bias_aware:
-        scales = tuple(1.0 / m.sum().clamp(min=1) for m in masks)  # empty subset: weight 0
+    scales = None  # batch normalisation: every row weighs 1/B times its part's weight
+    if not strategy.bias_aware:  # vanilla: wrong rows distilled from the original teacher
+        distill = per_sample.sum() / len(per_sample)
+    elif strategy.normalisation == "subset":  # each part averaged over its own rows
+        scales = tuple(1.0 / m.sum().clamp(min=1)  # an empty part weighs 0, never NaN
+                       for m in (labelled & ~wrong, wrong, ~labelled))
+        weights = torch.where(wrong, w_wrong * scales[1],
+                              torch.where(labelled, w_right * scales[0], scales[2]))
+        distill = (weights * per_sample).sum()
     else:
-        scale = per_sample.new_tensor(1.0 / len(per_sample))
-        scales = (scale, scale, scale)
-    weights = (right * (w_right * scales[0]) + wrong * (w_wrong * scales[1])
-               + unlabelled * scales[2])
-    distill = (weights * per_sample).sum()
+        # right rows w_right, wrong rows w_wrong, unlabelled rows 1: a few ops on (B,) vectors
+        weights = 1.0 - (1.0 - w_right) * labelled + (w_wrong - w_right) * wrong
+        distill = (weights * per_sample).sum() / len(per_sample)
     if strategy.base == "dkd" and dkd_warmup > 0:
         distill = distill * min((epoch + 1) / dkd_warmup, 1.0)  # mdistiller's 1-based warm-up
     total = torch.where(n_labelled > 0, lam * ce + (1.0 - lam) * distill, distill)
-    return LossParts(total, b, per_sample.detach(), ce.detach(), masks, scales)
+    return LossParts(total, b, per_sample.detach(), ce.detach(), labelled, wrong, scales)
