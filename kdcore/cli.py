@@ -186,7 +186,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         emit_json(doc)
     else:
         print(f"run {run_id}: {config.strategy}, seed {config.seed}: test accuracy "
-              f"{_pct(metrics['test_accuracy'])} (best epoch {_pct(metrics['best_test_accuracy'])}), "
+              f"{_pct(metrics['test_accuracy'])} "
+              f"(best epoch {_pct(metrics['best_test_accuracy'])}), "
               f"teacher {_pct(metrics['teacher_test_accuracy'])}, copies "
               f"{_pct(metrics['bias_inheritance'])} of the teacher's test errors"
               + (f", {metrics['world_size']} processes" if metrics["world_size"] > 1 else ""))
@@ -246,7 +247,8 @@ def _strategies(text: str) -> list[str]:
 
     names = [s.strip() for s in text.split(",") if s.strip()]
     if not names:
-        raise DataError("--strategies is empty; give a comma-separated list such as ce,kd,kd+be+br+dl")
+        raise DataError("--strategies is empty; give a comma-separated list such as "
+                        "ce,kd,kd+be+br+dl")
     for name in names:
         parse_strategy(name)
     return names
@@ -269,13 +271,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     doc = analyze(load_predictions(None))
     train = doc["splits"]["train"]
     test = doc["splits"]["test"]
-    top = train["top_confusions"][:3] or test["top_confusions"][:3]
-    print(f"Bundled sample {doc['source']}: the teacher is right on {_pct(test['teacher_accuracy'])}"
+    top = test["top_confusions"][:3]
+    print(f"Bundled sample {doc['source']}: the teacher is right on "
+          f"{_pct(test['teacher_accuracy'])}"
           f" of held-out test images and {_pct(train['teacher_accuracy'])} of the labelled "
           "distillation images.")
     if top:
-        print("Its most frequent mistakes: " + ", ".join(
-            f"{c['true']} read as {c['predicted']} ({c['count']}x)" for c in test["top_confusions"][:3]))
+        print("Its most frequent mistakes on held-out images: " + ", ".join(
+            f"{c['true']} read as {c['predicted']} ({c['count']}x)" for c in top))
     print(f"\nTraining {len(DEFAULT_STRATEGIES)} strategies x {args.seeds} seeds "
           "(finished identical runs are reused)...", flush=True)
     summary = _run_compare(args, list(DEFAULT_STRATEGIES), args.seeds, {})
@@ -441,7 +444,8 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="kdcore", description="Where is the teacher wrong, and does bias-aware distillation pay?")
+        prog="kdcore",
+        description="Where is the teacher wrong, and does bias-aware distillation pay?")
     parser.add_argument("--version", action="version", version=f"kdcore {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -449,7 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(fn=fn)
         if workspace:
-            p.add_argument("--workspace", help="run store folder (default $KDCORE_HOME or ./.kdcore)")
+            p.add_argument("--workspace",
+                           help="run store folder (default $KDCORE_HOME or ./.kdcore)")
         if quiet:
             p.add_argument("--quiet", action="store_true", help="no progress bar")
         return p
@@ -459,7 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="parallel training processes")
 
     p = command("analyze", cmd_analyze, "teacher-bias analysis of a bundle or prediction table")
-    p.add_argument("path", nargs="?", help="bundle folder or CSV/Parquet table (default: the sample)")
+    p.add_argument("path", nargs="?",
+                   help="bundle folder or CSV/Parquet table (default: the sample)")
     p.add_argument("--split", choices=["train", "unlabelled", "test"])
     p.add_argument("--top", type=int, default=10, help="how many top confusions")
     p.add_argument("--stream", action="store_true",
@@ -475,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--nproc", type=int, default=1,
-                   help="processes on this machine (torch.distributed DDP: gloo on CPU, nccl on CUDA)")
+                   help="processes on this machine (DDP: gloo on CPU, nccl on CUDA)")
     p.add_argument("--json", action="store_true")
     _add_training_options(p)
 
