@@ -104,6 +104,7 @@ def _train_overrides(args: argparse.Namespace) -> dict:
         "epochs": args.epochs, "lr": args.lr, "temperature": args.temperature,
         "lam": args.lam, "normalisation": args.normalisation, "batch_size": args.batch_size,
         "device": args.device, "lq_drop_ce": getattr(args, "lq_drop_ce", None) or None,
+        "amp": args.amp or None,
     }
 
 
@@ -427,6 +428,8 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
                    help="batch (default) or subset (the paper's); see README")
     g.add_argument("--batch-size", type=int)
     g.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--amp", action="store_true",
+                   help="bfloat16 autocast for the student on CUDA (the loss stays float32)")
     g.add_argument("--lq-drop-ce", action="store_true",
                    help="with +lq: also leave likely label errors out of the label loss (CE)")
     t = p.add_argument_group("tabular data (a CSV/Parquet file instead of a bundle folder)")

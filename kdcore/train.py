@@ -68,6 +68,8 @@ class TrainConfig:
     # ({sample_key: "label_error" | "teacher_bias"}, see kdcore.label_overrides).
     lq_drop_ce: bool = False
     label_overrides: dict = field(default_factory=dict)
+    # bfloat16 autocast for the student's forward pass on CUDA (the loss stays in float32)
+    amp: bool = False
 
     @classmethod
     def for_bundle(cls, bundle: Dataset, **overrides) -> TrainConfig:
@@ -90,8 +92,9 @@ class TrainConfig:
         """The config as stored with the run. Empty ``data_options`` (a bundle) are left out, so
         a bundle run's config, and the key that finds identical runs, stay as before."""
         values = asdict(self)
-        for key in ("data_options", "label_overrides", "lq_drop_ce"):  # at their defaults: left
-            if not values[key]:                # out, so earlier runs' configs keep their keys
+        # options at their defaults are left out, so earlier runs' configs keep their keys
+        for key in ("data_options", "label_overrides", "lq_drop_ce", "amp"):
+            if not values[key]:
                 del values[key]
         return values
 
@@ -139,6 +142,9 @@ def fit(model: torch.nn.Module, config: TrainConfig, *, x_train: np.ndarray, y_t
     if strategy.distills and teacher_train is None:
         raise DataError(f"strategy {strategy.name} distils, but no teacher outputs were given")
     device = resolve_device(config.device)
+    if config.amp and device.type != "cuda":
+        raise DataError(f"--amp needs a CUDA device, and this run is on {device.type}; "
+                        "drop --amp or use --device cuda")
     rank, world = rank_and_world()
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)  # the same global batches on every rank
@@ -189,9 +195,10 @@ def fit(model: torch.nn.Module, config: TrainConfig, *, x_train: np.ndarray, y_t
             if world > 1:  # this rank's strided share of the global batch
                 inputs, labels, teacher, suspect = (None if t is None else t[rank::world]
                                                     for t in (inputs, labels, teacher, suspect))
-            logits = net(inputs)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.amp):
+                logits = net(inputs)
             parts = strategy_loss(
-                logits, teacher if teacher is not None else logits.detach(), labels,
+                logits.float(), teacher if teacher is not None else logits.detach(), labels,
                 strategy=strategy, epoch=epoch, epochs=config.epochs,
                 temperature=config.temperature, lam=config.lam, dkd_alpha=config.dkd_alpha,
                 dkd_beta=config.dkd_beta, dkd_warmup=config.dkd_warmup, suspect=suspect,

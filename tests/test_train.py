@@ -195,3 +195,8 @@ def test_two_process_ddp_run_matches_one_process(workspace):
     assert (one["world_size"], two["world_size"]) == (1, 2)
     assert abs(one["test_accuracy"] - two["test_accuracy"]) <= 0.01
     assert RunStore(workspace).get(two["run_id"]).status == "done"
+
+
+def test_amp_on_cpu_is_a_one_line_error(workspace):
+    out = _cli("train", "--strategy", "kd", "--epochs", "1", "--amp", workspace=workspace)
+    assert out.returncode == 2 and "--amp needs a CUDA device" in out.stderr
