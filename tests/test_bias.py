@@ -243,3 +243,21 @@ def test_a_minus_inf_logit_is_a_zero_probability():
     report = decompose([0, 1], np.array([[0.0, -np.inf], [-np.inf, 0.0]], dtype=np.float32))
     assert report.accuracy == 1.0
     assert np.allclose(report.confidence, 1.0)
+
+
+def test_threaded_rows_match_one_thread_and_name_the_first_bad_row(monkeypatch):
+    from kdcore import bias
+
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal((100_000, 100)).astype(np.float32)  # 10M values: threaded
+    labels = rng.integers(0, 100, len(logits))
+    threaded = decompose(labels, logits)
+    monkeypatch.setattr(bias, "_THREADS", 1)
+    single = decompose(labels, logits)
+    assert np.array_equal(threaded.predicted, single.predicted)
+    assert np.allclose(threaded.confidence, single.confidence, rtol=1e-6)  # BLAS sum order
+    monkeypatch.undo()
+    logits[75_000, 3] = np.nan
+    logits[20_000, 7] = np.inf
+    with pytest.raises(DataError, match="row 20000 "):
+        decompose(labels, logits)
