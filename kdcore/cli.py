@@ -19,6 +19,7 @@ import pandas as pd
 
 from kdcore import __version__
 from kdcore.errors import DataError, KDCoreError
+from kdcore.errors import report as report_error
 
 DEMO_SEEDS = 5
 
@@ -547,12 +548,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.fn(args)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except KDCoreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return report_error(exc)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

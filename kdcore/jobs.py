@@ -20,7 +20,8 @@ import torch
 from kdcore import label_overrides
 from kdcore.bundles import load_dataset
 from kdcore.distributed import init_process_group, rank_and_world, shutdown
-from kdcore.errors import DataError, KDCoreError
+from kdcore.errors import KDCoreError
+from kdcore.errors import report as report_error
 from kdcore.runs import RunStore
 from kdcore.train import Cancelled, TrainConfig, save_artifacts, train_student
 
@@ -139,12 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         execute_run(args.run_id, workspace=args.workspace)
     except Cancelled:
         return 0
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except KDCoreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return report_error(exc)
     return 0
 
 
