@@ -14,6 +14,8 @@ import plotly.express as px
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from kdcore.losses import strategy_order
+
 # --- palette and layout shared by every page
 TEACHER = "#7F8C8D"     # grey: the teacher, "before"
 STUDENT = "#1F77B4"     # blue: a student, "after"
@@ -290,17 +292,6 @@ def per_class_before_after(per_class: pd.DataFrame, *, title: str | None = None,
 # Figures for the Train and Results pages, from ``kdcore.compare.summarise`` documents and
 # ``RunStore.epochs`` frames. Accuracies stay fractions (axes format them as %); differences
 # between accuracies are drawn in percentage points.
-
-_BASE_RANK = {"ce": 0, "kd": 1, "dkd": 3, "btkd": 2}
-
-
-def strategy_order(names: Sequence[str]) -> list[str]:
-    """Strategies in reading order: ce, kd and its variants (fewest parts first), btkd, dkd..."""
-    def key(name: str) -> tuple:
-        base, *parts = name.split("+")
-        return (_BASE_RANK.get(base, 4), len(parts), name)
-    return sorted(names, key=key)
-
 
 def _strategies(summary: dict) -> list[tuple[str, dict]]:
     entries = summary.get("strategies", {})

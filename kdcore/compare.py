@@ -20,7 +20,7 @@ from kdcore import label_overrides
 from kdcore.bundles import Bundle
 from kdcore.errors import DataError, KDCoreError
 from kdcore.jobs import execute_run
-from kdcore.losses import parse_strategy
+from kdcore.losses import is_bias_aware, parse_strategy
 from kdcore.runs import Run, RunStore
 from kdcore.train import TrainConfig, per_class_accuracy
 
@@ -128,7 +128,7 @@ def verdict(summary: dict) -> str:
     """One sentence, computed from the numbers: does bias-aware distillation pay here?"""
     strategies = summary["strategies"]
     aware = {n: e for n, e in strategies.items()
-             if (n == "btkd" or parse_strategy(n).bias_aware) and e["delta_vs_kd"]}
+             if is_bias_aware(n) and e["delta_vs_kd"]}
     if BASELINE not in strategies or not aware:
         return "Add kd and at least one bias-aware strategy (e.g. kd+be+br+dl) to get a verdict."
     name, best = max(aware.items(), key=lambda item: item[1]["mean"])

@@ -18,7 +18,7 @@ Normalisation of the distillation term over a batch of B rows:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -148,6 +148,25 @@ def parse_strategy(text: str, *, normalisation: str = "batch") -> Strategy:
     if normalisation not in ("batch", "subset"):
         raise DataError(f"normalisation {normalisation!r}: use batch or subset")
     return Strategy(base, **{p: True for p in parts}, normalisation=normalisation)
+
+
+def is_bias_aware(name: str | None) -> bool:
+    """True for a strategy with bias elimination or rectification (btkd included)."""
+    try:
+        return bool(name) and parse_strategy(name).bias_aware
+    except DataError:
+        return False
+
+
+_BASE_RANK = {"ce": 0, "kd": 1, "btkd": 2, "dkd": 3}
+
+
+def strategy_order(names: Sequence[str]) -> list[str]:
+    """Reading order: ce, kd and its variants (fewest parts first), btkd, dkd and its variants."""
+    def key(name: str) -> tuple:
+        base, *parts = str(name).split("+")
+        return (_BASE_RANK.get(base, 4), len(parts), str(name))
+    return sorted(names, key=key)
 
 
 @dataclass(frozen=True)

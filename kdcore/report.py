@@ -39,15 +39,14 @@ from kdcore.analysis import report as bias_report
 from kdcore.bundles import Bundle, load_bundle, load_dataset
 from kdcore.compare import BASELINE, summarise
 from kdcore.errors import DataError, KDCoreError
+from kdcore.losses import is_bias_aware, strategy_order
 from kdcore.roi import (
     CostAssumptions,
     format_money,
-    is_bias_aware,
     recipe_key,
     recipes,
     roi,
     roi_table,
-    strategy_order,
 )
 from kdcore.runs import Run, RunStore
 

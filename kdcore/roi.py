@@ -41,7 +41,7 @@ import torch
 
 from kdcore.bundles import Bundle, load_bundle, load_dataset
 from kdcore.errors import DataError
-from kdcore.losses import parse_strategy
+from kdcore.losses import is_bias_aware, strategy_order
 from kdcore.models import build_model, count_parameters
 from kdcore.runs import Run, RunStore, config_key
 
@@ -229,13 +229,6 @@ def recipe_key(run: Run) -> str:
     return config_key({k: v for k, v in run.config.items() if k != "seed"})
 
 
-def is_bias_aware(strategy: str | None) -> bool:
-    try:
-        return bool(strategy) and parse_strategy(strategy).bias_aware
-    except DataError:
-        return False
-
-
 def recipes(runs: Sequence[Run]) -> dict[str, list[Run]]:
     """Finished runs grouped by recipe (settings apart from seed), newest run per seed."""
     groups: dict[str, dict[int, Run]] = {}
@@ -245,17 +238,6 @@ def recipes(runs: Sequence[Run]) -> dict[str, list[Run]]:
         groups.setdefault(recipe_key(run), {}).setdefault(run.seed, run)
     return {k: sorted(v.values(), key=lambda r: (r.seed is None, r.seed or 0))
             for k, v in groups.items()}
-
-
-_BASE_RANK = {"ce": 0, "kd": 1, "btkd": 2, "dkd": 3}
-
-
-def strategy_order(names: Sequence[str]) -> list[str]:
-    """Reading order: ce, kd and its variants (fewest parts first), btkd, dkd and its variants."""
-    def key(name: str) -> tuple:
-        base, *parts = str(name).split("+")
-        return (_BASE_RANK.get(base, 4), len(parts), str(name))
-    return sorted(names, key=key)
 
 
 def strategy_runs(store: RunStore, bundle: Bundle) -> dict[str, list[Run]]:

@@ -195,3 +195,13 @@ def test_bad_strategy_names_are_data_errors(bad):
 
 def test_strategy_name_is_canonical():
     assert parse_strategy("kd+dl+br+be").name == "kd+be+br+dl"
+
+
+def test_strategy_order_and_bias_awareness_are_read_from_the_names():
+    from kdcore.losses import is_bias_aware, strategy_order
+
+    names = ["dkd+be+br+dl", "btkd", "kd+be+br", "kd", "ce", "kd+be", "dkd"]
+    assert strategy_order(names) == ["ce", "kd", "kd+be", "kd+be+br", "btkd", "dkd",
+                                     "dkd+be+br+dl"]
+    assert [is_bias_aware(n) for n in ("ce", "kd", "kd+be", "btkd", "kd+zz", None)] == [
+        False, False, True, True, False, False]

@@ -16,7 +16,7 @@ import streamlit as st
 from dashboard import charts, state
 from kdcore.compare import BASELINE, comparable_groups, summarise, teacher_per_class
 from kdcore.errors import KDCoreError
-from kdcore.losses import parse_strategy
+from kdcore.losses import is_bias_aware, strategy_order
 from kdcore.runs import STATUSES, Run
 
 BEST_EPOCH_NOTE = ("Best-epoch accuracy picks, per run, the epoch that scored highest on the "
@@ -90,7 +90,7 @@ def render_comparison(summary: dict) -> None:
         right.info("Train **kd** on the same seeds to see each strategy's gain over vanilla KD.",
                    icon=":material/info:")
     rows = []
-    for name in charts.strategy_order(list(summary["strategies"])):
+    for name in strategy_order(list(summary["strategies"])):
         entry = summary["strategies"][name]
         delta = entry.get("delta_vs_kd")
         ci = delta.get("ci95") if delta else None
@@ -137,21 +137,14 @@ def default_students(summary: dict) -> list[str]:
     """kd and the most accurate bias-aware strategy (or the two most accurate strategies)."""
     entries = summary["strategies"]
     ranked = sorted(entries, key=lambda n: -entries[n]["mean"])
-    aware = [n for n in ranked if n == "btkd" or _is_bias_aware(n)]
+    aware = [n for n in ranked if is_bias_aware(n)]
     chosen = ([BASELINE] if BASELINE in entries else []) + aware[:1]
     return chosen or ranked[:2]
 
 
-def _is_bias_aware(name: str) -> bool:
-    try:
-        return parse_strategy(name).bias_aware
-    except KDCoreError:
-        return False
-
-
 def render_per_class(group: list[Run], summary: dict) -> None:
     st.subheader("Per class: before (teacher) and after (students)")
-    options = charts.strategy_order(list(summary["strategies"]))
+    options = strategy_order(list(summary["strategies"]))
     chosen = st.multiselect("Students to show", options, default=default_students(summary),
                             key="results_class_strategies")
     try:
@@ -187,7 +180,7 @@ def render_inheritance(summary: dict) -> None:
 def render_curves(group: list[Run], summary: dict) -> None:
     st.subheader("Learning curves")
     left, right = st.columns([3, 1])
-    options = charts.strategy_order(list(summary["strategies"]))
+    options = strategy_order(list(summary["strategies"]))
     chosen = left.multiselect("Strategies", options, default=options,
                               key="results_curve_strategies")
     mode = right.radio("Show", ["Mean and range", "Each seed"], key="results_curve_mode",
@@ -209,7 +202,7 @@ def render_run_table(runs: list[Run]) -> None:
     frame["created"] = pd.to_datetime(frame["created_at"], utc=True).dt.tz_convert(None)
     cols = st.columns(3)
     filters = {
-        "strategy": cols[0].multiselect("Strategy", charts.strategy_order(
+        "strategy": cols[0].multiselect("Strategy", strategy_order(
             sorted(frame["strategy"].dropna().unique())), key="results_filter_strategy",
             placeholder="all"),
         "status": cols[1].multiselect("Status", list(STATUSES), key="results_filter_status",

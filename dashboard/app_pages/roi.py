@@ -13,6 +13,7 @@ import streamlit as st
 from dashboard import charts, state
 from kdcore import roi
 from kdcore.errors import KDCoreError
+from kdcore.losses import is_bias_aware
 
 EMPTY = ("No students were trained yet, so there is nothing to weigh against the teacher. "
          "Go to **Overview** and press **Run the demo**, or run `kdcore demo` in a terminal.")
@@ -49,7 +50,7 @@ if not groups:
 
 # ------------------------------------------------------------------ choices
 means = {name: roi.accuracy_spread(group)["accuracy"] for name, group in groups.items()}
-aware = [n for n in groups if roi.is_bias_aware(n)]
+aware = [n for n in groups if is_bias_aware(n)]
 default = max(aware or list(groups), key=means.get)
 names = list(groups)
 left, right = st.columns([2, 1])
