@@ -18,6 +18,7 @@ Temperature plays no part here.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Sequence
@@ -38,11 +39,17 @@ __all__ = [
     "reliability",
 ]
 
-# Rows are processed in blocks of about this many values (256 KiB of float32), small enough to
-# stay in cache while the softmax denominator is computed.
-_CHUNK_VALUES = 1 << 16
+# Rows are processed in blocks of about this many values (1 MiB of float32): small enough to
+# stay in a core's L2 cache while the softmax denominator is computed, large enough that the
+# per-block Python calls (which hold the GIL) stay rare. 1 << 16 was 15-20% slower on 2 cores,
+# 1 << 15 twice as slow (benchmarks/bench_bias.py).
+_CHUNK_VALUES = 1 << 18
 _THREADS = max(1, min(os.cpu_count() or 1, 4))
 _PARALLEL_VALUES = 1 << 22  # below ~4M values one thread is as fast
+# |max logit| up to which a row's unshifted powers 2^(z log2 e) and their sum stay finite and
+# normal in float32 (e^60 ~ 1e26: even 10^11 classes sum below float32's 3e38).
+_SAFE_EXP = 60.0
+_LOG2_E = math.log2(math.e)
 # Probabilities from a float32 softmax can exceed 1 by rounding.
 _PROBABILITY_SLACK = 1e-4
 
@@ -191,12 +198,10 @@ class BiasAccumulator:
             n_classes=self.n_classes,
             row_offset=offset,
         )
-        pred, conf = _predict(outputs, probabilities=self.probabilities, row_offset=offset)
-        wrong = pred != y
-        k = self.n_classes
-        self._confusion += np.bincount(y * k + pred, minlength=k * k).reshape(k, k)
-        self._wrong_confidence += np.bincount(y[wrong], weights=conf[wrong], minlength=k)
-        return y, pred, conf, wrong
+        scan = _scan(outputs, probabilities=self.probabilities, row_offset=offset, labels=y)
+        self._confusion += scan.confusion
+        self._wrong_confidence += scan.wrong_confidence
+        return y, scan.pred, scan.conf, scan.wrong
 
 
 def decompose(
@@ -320,8 +325,7 @@ def predicted_distribution(
     outputs = _as_outputs(teacher_outputs)
     n, k = outputs.shape
     names = _class_names(class_names, k)
-    pred, _ = _predict(outputs, probabilities=probabilities)
-    count = np.bincount(pred, minlength=k)
+    count = np.bincount(_scan(outputs, probabilities=probabilities).pred, minlength=k)
     return pd.DataFrame({"class": names, "count": count, "share": count / n})
 
 
@@ -421,59 +425,119 @@ def _indices_from_names(
     return indices
 
 
-def _predict(
-    outputs: np.ndarray, *, probabilities: bool, row_offset: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Return the teacher's argmax (int64) and top probability per row, validating as it goes.
+@dataclass
+class _Scan:
+    """What one pass over the teacher's outputs yields (the label-dependent fields need labels)."""
 
-    Works through ``outputs`` in blocks of rows with one scratch buffer per thread, so memory
-    beyond the two (N,) results is one block a thread. Large inputs are split into contiguous
-    row ranges on up to ``_THREADS`` threads (NumPy releases the GIL in these loops: 1.8x on
-    2 cores). For logits the top probability is ``1 / sum(exp(z - max z))``.
+    pred: np.ndarray  # int64 argmax per row
+    conf: np.ndarray  # top probability per row
+    wrong: np.ndarray | None = None  # pred != label
+    confusion: np.ndarray | None = None  # (K, K) counts, true x predicted
+    wrong_confidence: np.ndarray | None = None  # (K,) sum of conf over wrong rows, by true class
+
+
+def _scan(
+    outputs: np.ndarray, *, probabilities: bool, row_offset: int = 0,
+    labels: np.ndarray | None = None,
+) -> _Scan:
+    """Return the teacher's argmax and top probability per row, validating as it goes.
+
+    With ``labels`` (int64 indices) the same pass also marks the wrong rows and counts the
+    confusion.
+
+    Works through ``outputs`` in blocks of rows, each thread with one scratch block, so memory
+    beyond the (N,) results is one block a thread. Large inputs use up to ``_THREADS`` threads
+    (NumPy releases the GIL in these loops) that take the next block as they finish one, so a
+    thread slowed by another process does fewer blocks instead of holding the others up. For
+    logits the top probability is ``exp(max z) / sum(exp(z))``.
     """
     n, k = outputs.shape
     work = np.result_type(outputs.dtype, np.float32)
-    pred = np.empty(n, dtype=np.intp)
-    conf = np.empty(n, dtype=work)
-    parts = max(1, min(_THREADS, n * k // _PARALLEL_VALUES))
-    bounds = np.linspace(0, n, parts + 1).astype(int)
-    ranges = list(zip(bounds[:-1], bounds[1:], strict=True))
-
-    def run(lo: int, hi: int) -> None:
-        _predict_rows(outputs, pred, conf, lo, hi, probabilities=probabilities,
-                      row_offset=row_offset)
-
-    if parts == 1:
-        run(0, n)
-    else:
-        with ThreadPoolExecutor(parts) as pool:
-            futures = [pool.submit(run, lo, hi) for lo, hi in ranges]
-        for future in futures:  # in row order: the first failing range has the first bad row
-            future.result()
-    return pred.astype(np.int64, copy=False), conf
-
-
-def _predict_rows(outputs: np.ndarray, pred: np.ndarray, conf: np.ndarray, lo: int, hi: int, *,
-                  probabilities: bool, row_offset: int) -> None:
-    """Fill ``pred`` and ``conf`` for rows ``lo:hi`` of ``outputs``, block by block."""
-    k = outputs.shape[1]
+    scan = _Scan(np.empty(n, dtype=np.intp), np.empty(n, dtype=work))
+    codes = None  # true * K + predicted, counted once at the end (K*K bins may be many)
+    if labels is not None:
+        scan.wrong = np.empty(n, dtype=bool)
+        codes = np.empty(n, dtype=np.int32 if k * k < 2**31 else np.int64)
     step = max(1, _CHUNK_VALUES // k)
-    scratch = np.empty((min(step, hi - lo), k), dtype=conf.dtype)
-    ones = np.ones(k, dtype=conf.dtype)
-    positions = np.arange(min(step, hi - lo))
-    for start in range(lo, hi, step):
-        block = outputs[start : min(start + step, hi)]
-        rows = slice(start, start + block.shape[0])
-        top_index = np.argmax(block, axis=1, out=pred[rows])
-        top = block[positions[: block.shape[0]], top_index]
-        _check_block(block, top, first_row=start + row_offset, probabilities=probabilities)
-        if probabilities:
-            np.minimum(top, 1, out=conf[rows])
+    blocks = itertools.count()  # next() is atomic under the GIL: each block goes to one thread
+    failures: list[tuple[int, DataError]] = []
+
+    def worker() -> np.ndarray:
+        scanner = _BlockScanner(outputs, scan, labels, codes, min(step, n),
+                                probabilities=probabilities)
+        while not failures:
+            start = next(blocks) * step
+            if start >= n:
+                break
+            try:
+                scanner.fill(start, min(start + step, n), row_offset=row_offset)
+            except DataError as exc:
+                failures.append((start, exc))
+        return scanner.wrong_confidence
+
+    threads = max(1, min(_THREADS, n * k // _PARALLEL_VALUES))
+    if threads == 1:
+        sums = [worker()]
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            sums = [f.result() for f in [pool.submit(worker) for _ in range(threads)]]
+    if failures:  # blocks are taken in order, so the earliest failure has the first bad row
+        raise min(failures, key=lambda failure: failure[0])[1]
+    scan.pred = scan.pred.astype(np.int64, copy=False)
+    if labels is not None:
+        scan.confusion = np.bincount(codes, minlength=k * k).reshape(k, k)
+        scan.wrong_confidence = sum(sums)
+    return scan
+
+
+class _BlockScanner:
+    """One thread's share of :func:`_scan`: its scratch block and its per-class sums."""
+
+    def __init__(self, outputs: np.ndarray, scan: _Scan, labels: np.ndarray | None,
+                 codes: np.ndarray | None, rows: int, *, probabilities: bool) -> None:
+        self.outputs, self.scan, self.labels, self.codes = outputs, scan, labels, codes
+        self.probabilities = probabilities
+        k = outputs.shape[1]
+        self.scratch = np.empty((rows, k), dtype=scan.conf.dtype)
+        self.ones = np.ones(k, dtype=scan.conf.dtype)
+        self.positions = np.arange(rows)
+        self.wrong_confidence = np.zeros(k, dtype=np.float64)
+
+    def fill(self, lo: int, hi: int, *, row_offset: int) -> None:
+        """Fill rows ``lo:hi`` of the scan and add them to this thread's sums."""
+        block, rows = self.outputs[lo:hi], slice(lo, hi)
+        conf = self.scan.conf[rows]
+        top_index = np.argmax(block, axis=1, out=self.scan.pred[rows])
+        top = block[self.positions[: hi - lo], top_index]
+        if self.probabilities:
+            _check_block(block, top, first_row=lo + row_offset, probabilities=True)
+            np.minimum(top, 1, out=conf)
         else:
-            shifted = scratch[: block.shape[0]]
-            np.subtract(block, top[:, None], out=shifted)
-            np.exp(shifted, out=shifted)
-            np.divide(1, shifted @ ones, out=conf[rows])
+            # One test covers NaN and inf (a NaN top fails both comparisons) and the rows too
+            # large or small for the unshifted powers below.
+            safe = -_SAFE_EXP <= top.min() and top.max() <= _SAFE_EXP
+            if not safe:
+                _check_block(block, top, first_row=lo + row_offset, probabilities=False)
+            # conf = exp(top) / sum(exp(z)), with exp(x) = 2^(x log2 e): NumPy's exp2 is twice
+            # as fast as its exp, and without the usual shift by the max it is one pass fewer.
+            # Within 3e-6 (relative) of a float64 softmax (tests/test_bias.py).
+            powers = self.scratch[: hi - lo]
+            with np.errstate(all="ignore"):  # the rows this can overflow are redone below
+                np.multiply(block, _LOG2_E, out=powers)
+                np.exp2(powers, out=powers)
+                # the numerator is a term of the sum itself, so conf <= 1 despite rounding
+                np.divide(powers[self.positions[: hi - lo], top_index], powers @ self.ones,
+                          out=conf)
+            if not safe:  # rare: shift those rows by their max first
+                extreme = np.flatnonzero(np.abs(top) > _SAFE_EXP)
+                conf[extreme] = 1 / np.exp(block[extreme] - top[extreme, None]).sum(axis=1)
+        if self.labels is not None:
+            k = block.shape[1]
+            y, codes = self.labels[rows], self.codes[rows]
+            wrong = np.not_equal(top_index, y, out=self.scan.wrong[rows])
+            np.multiply(y, k, out=codes, casting="unsafe")
+            np.add(codes, top_index, out=codes, casting="unsafe")
+            self.wrong_confidence += np.bincount(y, weights=conf * wrong, minlength=k)
 
 
 def _check_block(

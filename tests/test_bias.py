@@ -70,6 +70,18 @@ def test_confidence_is_max_softmax_probability():
     np.testing.assert_allclose(report.confidence, probs.max(axis=1), rtol=1e-5)
 
 
+@pytest.mark.parametrize("scale", [0.01, 1.0, 8.0, 25.0, 59.0, 300.0])
+def test_confidence_is_within_3e_6_of_float64_softmax_and_never_above_one(scale):
+    rng = np.random.default_rng(2)
+    logits = (rng.standard_normal((20_000, 10)) * scale).astype(np.float32)
+    logits[::7] += 200  # some rows past the unshifted fast path, in the same blocks
+    report = decompose(rng.integers(0, 10, len(logits)), logits)
+    z = logits.astype(np.float64)
+    expected = 1 / np.exp(z - z.max(axis=1, keepdims=True)).sum(axis=1)
+    np.testing.assert_allclose(report.confidence, expected, rtol=3e-6)
+    assert report.confidence.max() <= 1.0
+
+
 def test_top_confusions_sorted_by_count_with_share_of_all_errors():
     labels = np.array([0, 0, 0, 1, 2, 2])
     predicted = np.array([1, 1, 2, 0, 1, 2])
