@@ -90,6 +90,63 @@ def swap_rectify(teacher_logits: Tensor, labels: Tensor, predicted: Tensor | Non
     return teacher_logits.clone().scatter_(1, target, top).scatter_(1, predicted, at_label)
 
 
+class _WeightedKD(torch.autograd.Function):
+    """Weighted sum of per-sample Hinton KD, the teacher rectified in place: one autograd node.
+
+    Forward: log-softmax of both sides at T, the swap of :func:`swap_rectify` done on the
+    teacher's log-probabilities (a permutation commutes with softmax, so no copy of the logits
+    is needed), one KL per row, one weighted sum. Backward: the closed form
+    ``T * w_i * (softmax(s/T) - p_t)``, instead of autograd replaying every op.
+    """
+
+    @staticmethod
+    def forward(ctx, student: Tensor, teacher: Tensor, temperature: float,
+                weights: Tensor | float, swap_from: Tensor | None,
+                swap_to: Tensor | None) -> tuple[Tensor, Tensor]:
+        log_p_s = F.log_softmax(student / temperature, dim=1)
+        log_p_t = F.log_softmax(teacher / temperature, dim=1)
+        if swap_from is not None:
+            source, target = swap_from.unsqueeze(1), swap_to.unsqueeze(1)
+            top, at_label = log_p_t.gather(1, source), log_p_t.gather(1, target)
+            log_p_t.scatter_(1, target, top).scatter_(1, source, at_label)
+        p_t = log_p_t.exp()
+        per_sample = torch.linalg.vecdot(p_t, log_p_t - log_p_s).mul_(temperature**2)
+        weighted = weights if isinstance(weights, Tensor) else None
+        total = (per_sample * weights).sum() if weighted is not None else per_sample.sum() * weights
+        ctx.save_for_backward(log_p_s, p_t, weighted)
+        ctx.temperature, ctx.weight = temperature, weights if weighted is None else None
+        ctx.mark_non_differentiable(per_sample)
+        return total, per_sample
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total: Tensor, _grad_per_sample: Tensor) -> tuple:
+        log_p_s, p_t, weights = ctx.saved_tensors
+        scale = grad_total * ctx.temperature
+        scale = (scale * weights).unsqueeze(1) if weights is not None else scale * ctx.weight
+        grad = log_p_s.exp().sub_(p_t).mul_(scale)
+        return grad, None, None, None, None, None
+
+
+def weighted_kd(student: Tensor, teacher: Tensor, *, temperature: float,
+                weights: Tensor | float, swap: tuple[Tensor, Tensor] | None = None
+                ) -> tuple[Tensor, Tensor]:
+    """``sum_i w_i * KD_i`` and the detached per-sample ``KD_i`` (as :func:`kd_per_sample`).
+
+    ``swap = (predicted, target)`` rectifies row i of the teacher by swapping its classes
+    ``predicted[i]`` and ``target[i]`` first (a no-op where they are equal). ``weights`` is one
+    weight per row or one number for all. Gradients flow to ``student`` only; a teacher that
+    needs gradients takes the autograd path.
+    """
+    if teacher.requires_grad:
+        if swap is not None:
+            teacher = swap_rectify(teacher, swap[1], swap[0])
+        per_sample = kd_per_sample(student, teacher, temperature=temperature)
+        return (per_sample * weights).sum(), per_sample.detach()
+    swap_from, swap_to = swap if swap is not None else (None, None)
+    return _WeightedKD.apply(student, teacher, temperature, weights, swap_from, swap_to)
+
+
 def dynamic_weight(epoch: int, epochs: int) -> float:
     """b(e) = cos^2(pi/2 * e/E): the weight of the right-knowledge term, 1 -> 0 over training."""
     return math.cos(math.pi / 2 * epoch / max(epochs, 1)) ** 2
@@ -194,7 +251,8 @@ class LossParts:
 
     @property
     def ce(self) -> float:
-        return float(self.ce_value if self.ce_value is not None else self.total.detach())
+        value = float(self.ce_value if self.ce_value is not None else self.total.detach())
+        return 0.0 if math.isnan(value) else value  # a batch without a (trusted) label
 
     @property
     def right(self) -> float:
@@ -217,64 +275,76 @@ def strategy_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor
                   strategy: Strategy, epoch: int, epochs: int, temperature: float = 4.0,
                   lam: float = 0.5, dkd_alpha: float = 1.0, dkd_beta: float = 8.0,
                   dkd_warmup: int = 20, suspect: Tensor | None = None,
-                  drop_ce: bool = False) -> LossParts:
+                  drop_ce: bool = False, teacher_predicted: Tensor | None = None) -> LossParts:
     """``lam * CE + (1 - lam) * D`` for one batch; rows with label -1 are unlabelled transfer data.
 
     D is the base distillation loss with the strategy's parts: right rows weigh ``b``, wrong
     rows (teacher argmax != label) are dropped (BE) or distilled from the swapped teacher (BR)
     with weight ``1 - b``; ``b`` follows ``dynamic_weight`` with DL and both weights are 1
     without it. Unlabelled rows always get plain Hinton KD (no bias can be identified there).
-    It is one weighted sum of one per-sample loss, whatever the parts.
+    It is one weighted sum of one per-sample loss, whatever the parts; for the ``kd`` base it
+    is one autograd node (:func:`weighted_kd`).
+
+    ``teacher_predicted`` is the teacher's argmax per row, if the caller has it: a frozen
+    teacher's logits and so its argmax do not change, so training computes it once per run.
 
     With ``+lq``, ``suspect`` (bool per row) marks likely label errors: a wrong row that is
     suspect is not rectified nor eliminated but distilled from the original teacher like a
     right row (the teacher is probably right there); with ``drop_ce`` its CE weight is 0 too.
     """
     labelled = labels != UNLABELLED
-    safe_labels = labels.clamp(min=0)
-    ce_rows = F.cross_entropy(student_logits, safe_labels, reduction="none")
-    trusted = labelled
-    doubted = torch.zeros_like(labelled)
-    predicted = teacher_logits.argmax(1) if strategy.bias_aware or strategy.lq else None
+    doubted, predicted = None, None
+    if strategy.bias_aware or strategy.lq:
+        predicted = teacher_logits.argmax(1) if teacher_predicted is None else teacher_predicted
     if strategy.lq and suspect is not None:
         doubted = labelled & suspect.bool() & (predicted != labels)
-        if drop_ce:
-            trusted = labelled & ~doubted
     n_labelled = labelled.sum()
-    ce = (ce_rows * trusted).sum() / trusted.sum().clamp(min=1)
+    if doubted is not None and drop_ce:  # the mean over trusted rows, 0 if there are none
+        trusted = labelled & ~doubted
+        ce_rows = F.cross_entropy(student_logits, labels.clamp(min=0), reduction="none")
+        ce = (ce_rows * trusted).sum() / trusted.sum().clamp(min=1)
+    else:  # the mean over labelled rows; NaN if there are none (then unused, see below)
+        ce = F.cross_entropy(student_logits, labels, ignore_index=UNLABELLED)
     if not strategy.distills:
         return LossParts(ce, 1.0)
 
-    teacher, wrong = teacher_logits, torch.zeros_like(labelled)
+    wrong, swap = torch.zeros_like(labelled), None
     if strategy.bias_aware:
-        wrong = labelled & (predicted != labels) & ~doubted
+        wrong = labelled & (predicted != labels)
+        if doubted is not None:
+            wrong &= ~doubted
         if strategy.br:  # swapping a row's argmax with itself leaves it as it is
-            teacher = swap_rectify(teacher_logits, torch.where(wrong, labels, predicted),
-                                   predicted)
-    base = BASE_LOSSES[strategy.base]
-    options = {"alpha": dkd_alpha, "beta": dkd_beta} if strategy.base == "dkd" else {}
-    per_sample = base(student_logits, teacher, safe_labels, temperature=temperature, **options)
-    if strategy.base != "kd" and not bool(labelled.all()):
-        transfer_ps = kd_per_sample(student_logits, teacher_logits, temperature=temperature)
-        per_sample = torch.where(labelled, per_sample, transfer_ps)
+            swap = (predicted, torch.where(wrong, labels, predicted))
 
     b = dynamic_weight(epoch, epochs) if strategy.dl else 1.0
     w_right = b
     w_wrong = (1.0 - b if strategy.dl else 1.0) if strategy.br else 0.0
+    n = len(labels)
     scales = None  # batch normalisation: every row weighs 1/B times its part's weight
     if not strategy.bias_aware:  # vanilla: wrong rows distilled from the original teacher
-        distill = per_sample.sum() / len(per_sample)
+        weights: Tensor | float = 1.0 / n
     elif strategy.normalisation == "subset":  # each part averaged over its own rows
         scales = tuple(1.0 / m.sum().clamp(min=1)  # an empty part weighs 0, never NaN
                        for m in (labelled & ~wrong, wrong, ~labelled))
         weights = torch.where(wrong, w_wrong * scales[1],
                               torch.where(labelled, w_right * scales[0], scales[2]))
-        distill = (weights * per_sample).sum()
+    else:  # right rows w_right, wrong rows w_wrong, unlabelled rows 1
+        weights = torch.where(wrong, w_wrong / n, torch.where(labelled, w_right / n, 1.0 / n))
+
+    if strategy.base == "kd":  # unlabelled rows get plain KD too, as swap leaves them alone
+        distill, per_sample = weighted_kd(student_logits, teacher_logits,
+                                          temperature=temperature, weights=weights, swap=swap)
     else:
-        # right rows w_right, wrong rows w_wrong, unlabelled rows 1: a few ops on (B,) vectors
-        weights = 1.0 - (1.0 - w_right) * labelled + (w_wrong - w_right) * wrong
-        distill = (weights * per_sample).sum() / len(per_sample)
+        teacher = swap_rectify(teacher_logits, swap[1], swap[0]) if swap else teacher_logits
+        options = {"alpha": dkd_alpha, "beta": dkd_beta} if strategy.base == "dkd" else {}
+        per_sample = BASE_LOSSES[strategy.base](student_logits, teacher, labels.clamp(min=0),
+                                                temperature=temperature, **options)
+        if not bool(labelled.all()):
+            transfer_ps = kd_per_sample(student_logits, teacher_logits, temperature=temperature)
+            per_sample = torch.where(labelled, per_sample, transfer_ps)
+        distill = (per_sample * weights).sum()
+        per_sample = per_sample.detach()
     if strategy.base == "dkd" and dkd_warmup > 0:
         distill = distill * min((epoch + 1) / dkd_warmup, 1.0)  # mdistiller's 1-based warm-up
     total = torch.where(n_labelled > 0, lam * ce + (1.0 - lam) * distill, distill)
-    return LossParts(total, b, per_sample.detach(), ce.detach(), labelled, wrong, scales)
+    return LossParts(total, b, per_sample, ce.detach(), labelled, wrong, scales)

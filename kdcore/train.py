@@ -156,6 +156,8 @@ def fit(model: torch.nn.Module, config: TrainConfig, *, x_train: np.ndarray, y_t
 
     xs, ys, ts = tensor(x_train), tensor(y_train, torch.long), tensor(teacher_train)
     xu, tu = tensor(x_transfer), tensor(teacher_transfer)
+    # The teacher is frozen, so its argmax per row is fixed: found once here, not every step.
+    tps, tpu = (None if t is None else t.argmax(1) for t in (ts, tu))
     ss = (tensor(suspect_train, torch.bool)
           if strategy.lq and suspect_train is not None else None)
     xt, yt = tensor(x_test), tensor(y_test, torch.long)
@@ -183,18 +185,21 @@ def fit(model: torch.nn.Module, config: TrainConfig, *, x_train: np.ndarray, y_t
             labelled_pos += bs
             inputs, labels = xs[idx], ys[idx]
             teacher = ts[idx] if ts is not None else None
+            predicted = tps[idx] if tps is not None else None
             suspect = ss[idx] if ss is not None else None
             if nu and strategy.distills:
                 uidx = transfer_order[(i * bu) % nu : (i * bu) % nu + bu].to(device)
                 inputs = torch.cat([inputs, xu[uidx]])
                 labels = torch.cat([labels, torch.full((len(uidx),), UNLABELLED, device=device)])
                 teacher = torch.cat([teacher, tu[uidx]])
+                predicted = torch.cat([predicted, tpu[uidx]])
                 if suspect is not None:
                     suspect = torch.cat([suspect, torch.zeros(len(uidx), dtype=torch.bool,
                                                               device=device)])
             if world > 1:  # this rank's strided share of the global batch
-                inputs, labels, teacher, suspect = (None if t is None else t[rank::world]
-                                                    for t in (inputs, labels, teacher, suspect))
+                inputs, labels, teacher, predicted, suspect = (
+                    None if t is None else t[rank::world]
+                    for t in (inputs, labels, teacher, predicted, suspect))
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.amp):
                 logits = net(inputs)
             parts = strategy_loss(
@@ -202,7 +207,7 @@ def fit(model: torch.nn.Module, config: TrainConfig, *, x_train: np.ndarray, y_t
                 strategy=strategy, epoch=epoch, epochs=config.epochs,
                 temperature=config.temperature, lam=config.lam, dkd_alpha=config.dkd_alpha,
                 dkd_beta=config.dkd_beta, dkd_warmup=config.dkd_warmup, suspect=suspect,
-                drop_ce=config.lq_drop_ce)
+                drop_ce=config.lq_drop_ce, teacher_predicted=predicted)
             if not torch.isfinite(parts.total):
                 raise KDCoreError(f"loss became {float(parts.total)} at epoch {epoch}; lower --lr")
             opt.zero_grad(set_to_none=True)

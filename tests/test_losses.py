@@ -12,9 +12,11 @@ from kdcore.losses import (
     dkd_loss,
     dynamic_weight,
     kd_loss,
+    kd_per_sample,
     parse_strategy,
     strategy_loss,
     swap_rectify,
+    weighted_kd,
 )
 
 
@@ -166,6 +168,18 @@ def test_unlabelled_rows_get_plain_kd_and_no_ce(batch):
     assert math.isclose(parts.ce, float(F.cross_entropy(s[:32], y[:32])), rel_tol=1e-9)
 
 
+@pytest.mark.parametrize("name", ["kd", "kd+be+br+dl", "dkd+be+br"])
+def test_a_batch_of_only_unlabelled_rows_is_plain_kd_with_finite_gradients(batch, name):
+    s, t, _ = batch
+    s = s.clone().requires_grad_()
+    y = torch.full((len(s),), UNLABELLED)
+    parts = _loss(name, s, t, y, epoch=5, epochs=10)
+    parts.total.backward()
+    warmup = 6 / 20 if name.startswith("dkd") else 1.0  # dkd's warm-up scales all of D
+    assert torch.allclose(parts.total, kd_loss(s, t, 4.0) * warmup)
+    assert torch.isfinite(s.grad).all() and parts.ce == 0.0
+
+
 def test_ce_strategy_ignores_the_teacher(batch):
     s, t, y = batch
     assert torch.allclose(_loss("ce", s, t, y).total, F.cross_entropy(s, y))
@@ -205,3 +219,65 @@ def test_strategy_order_and_bias_awareness_are_read_from_the_names():
                                      "dkd+be+br+dl"]
     assert [is_bias_aware(n) for n in ("ce", "kd", "kd+be", "btkd", "kd+zz", None)] == [
         False, False, True, True, False, False]
+
+
+def _autograd_reference(name, s, t, y, epoch, epochs):
+    """strategy_loss written with plain autograd ops (swap_rectify + kd_per_sample), batch norm."""
+    strategy = parse_strategy(name)
+    labelled = y != UNLABELLED
+    ce = F.cross_entropy(s[labelled], y[labelled])
+    wrong = labelled & (t.argmax(1) != y) if strategy.bias_aware else torch.zeros_like(labelled)
+    teacher = swap_rectify(t, torch.where(wrong, y, t.argmax(1))) if strategy.br else t
+    b = dynamic_weight(epoch, epochs) if strategy.dl else 1.0
+    w_wrong = ((1 - b) if strategy.dl else 1.0) if strategy.br else 0.0
+    w = torch.where(wrong, w_wrong, torch.where(labelled, b, 1.0))
+    distill = (w * kd_per_sample(s, teacher, temperature=4.0)).mean()
+    return 0.5 * ce + 0.5 * distill
+
+
+@pytest.mark.parametrize("name", ["kd", "kd+be", "kd+be+br", "kd+be+br+dl"])
+@pytest.mark.parametrize("with_unlabelled", [False, True])
+def test_fused_kd_matches_autograd_in_value_and_gradient(batch, name, with_unlabelled):
+    s, t, y = batch
+    if with_unlabelled:
+        y = y.clone()
+        y[::5] = UNLABELLED
+    ours_s, ref_s = s.clone().requires_grad_(), s.clone().requires_grad_()
+    ours = strategy_loss(ours_s, t, y, strategy=parse_strategy(name), epoch=3, epochs=10).total
+    ref = _autograd_reference(name, ref_s, t, y, epoch=3, epochs=10)
+    ours.backward()
+    ref.backward()
+    assert torch.allclose(ours, ref, atol=1e-12)
+    assert torch.allclose(ours_s.grad, ref_s.grad, atol=1e-12)
+
+
+def test_weighted_kd_passes_gradcheck_and_returns_per_sample_kd(batch):
+    s, t, y = batch
+    s = s[:12].clone().requires_grad_()
+    t, y = t[:12], y[:12]
+    swap = (t.argmax(1), y)
+    weights = torch.linspace(0.1, 1.0, 12, dtype=torch.float64)
+    for w in (weights, 0.25):
+        assert torch.autograd.gradcheck(
+            lambda x, w=w: weighted_kd(x, t, temperature=4.0, weights=w, swap=swap)[0], (s,))
+    _, per_sample = weighted_kd(s, t, temperature=4.0, weights=weights, swap=swap)
+    expected = kd_per_sample(s, swap_rectify(t, y), temperature=4.0)
+    assert not per_sample.requires_grad
+    assert torch.allclose(per_sample, expected, atol=1e-12)
+
+
+def test_weighted_kd_gives_a_teacher_that_needs_gradients_its_gradient(batch):
+    s, t, y = batch
+    t = t.clone().requires_grad_()
+    total, _ = weighted_kd(s, t, temperature=4.0, weights=0.5, swap=(t.argmax(1), y))
+    total.backward()
+    assert t.grad is not None and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
+
+
+def test_a_cached_teacher_argmax_gives_the_same_loss(batch):
+    s, t, y = batch
+    strategy = parse_strategy("kd+be+br+dl")
+    fresh = strategy_loss(s, t, y, strategy=strategy, epoch=3, epochs=10)
+    cached = strategy_loss(s, t, y, strategy=strategy, epoch=3, epochs=10,
+                           teacher_predicted=t.argmax(1))
+    assert torch.equal(fresh.total, cached.total) and fresh.n_wrong == cached.n_wrong > 0
