@@ -2,8 +2,10 @@
 
     python benchmarks/bench_loss.py [--threads N]
 
-Runs on one torch thread by default, as ``kdcore train`` runs each job (``kdcore.jobs``); on a
-2-core machine two threads also make every timing hostage to whatever else runs there.
+Runs as ``kdcore train`` runs each job (``kdcore.jobs``): one torch thread by default (on a
+2-core machine two threads also make every timing hostage to whatever else runs there), and
+glibc told to keep freed memory (``kdcore.allocator``; without it the batch-1024 figures swing
+from 1.0x to 1.6x between runs, with the allocation history of the process).
 
 1. The loss alone (forward + backward) on the same logits: kd+be+br+dl vs kd. Target <= 1.25x.
    Shown twice: with the teacher's argmax cached, as ``kdcore.train.fit`` runs it (a frozen
@@ -27,6 +29,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from kdcore.allocator import keep_freed_memory
 from kdcore.losses import parse_strategy, strategy_loss
 from kdcore.models import cnn
 
@@ -95,8 +98,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     torch.set_num_threads(parser.parse_args().threads)
+    kept = keep_freed_memory()
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"glibc keeps freed memory: {kept}")
     print("loss alone, forward + backward; ratio of kd+be+br+dl to kd (target <= 1.25), "
           "median [range] over 21 rounds")
     for batch, classes in ((128, 10), (128, 100), (1024, 100)):

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from kdcore import label_overrides
+from kdcore.allocator import keep_freed_memory
 from kdcore.bundles import load_dataset
 from kdcore.distributed import init_process_group, rank_and_world, shutdown
 from kdcore.errors import KDCoreError
@@ -37,6 +38,7 @@ def execute_run(run_id: str, *, workspace: str | Path | None = None, threads: in
     calls this; only rank 0 writes to the store.
     """
     torch.set_num_threads(threads)
+    keep_freed_memory()  # no page faults for the same tensors every step (kdcore.allocator)
     lead = rank_and_world()[0] == 0
     store = RunStore(workspace)
     run = store.get(run_id)
