@@ -500,7 +500,8 @@ class _BlockScanner:
         k = outputs.shape[1]
         self.scratch = np.empty((rows, k), dtype=scan.conf.dtype)
         self.ones = np.ones(k, dtype=scan.conf.dtype)
-        self.positions = np.arange(rows)
+        self.row_starts = np.arange(rows) * k  # flat index of each row's first value
+        self.flat_index = np.empty(rows, dtype=np.intp)
         self.wrong_confidence = np.zeros(k, dtype=np.float64)
 
     def fill(self, lo: int, hi: int, *, row_offset: int) -> None:
@@ -508,7 +509,9 @@ class _BlockScanner:
         block, rows = self.outputs[lo:hi], slice(lo, hi)
         conf = self.scan.conf[rows]
         top_index = np.argmax(block, axis=1, out=self.scan.pred[rows])
-        top = block[self.positions[: hi - lo], top_index]
+        # each row's value at its argmax, by flat index (twice as fast as block[rows, cols])
+        at_top = np.add(self.row_starts[: hi - lo], top_index, out=self.flat_index[: hi - lo])
+        top = block.reshape(-1).take(at_top)
         if self.probabilities:
             _check_block(block, top, first_row=lo + row_offset, probabilities=True)
             np.minimum(top, 1, out=conf)
@@ -526,8 +529,7 @@ class _BlockScanner:
                 np.multiply(block, _LOG2_E, out=powers)
                 np.exp2(powers, out=powers)
                 # the numerator is a term of the sum itself, so conf <= 1 despite rounding
-                np.divide(powers[self.positions[: hi - lo], top_index], powers @ self.ones,
-                          out=conf)
+                np.divide(powers.reshape(-1).take(at_top), powers @ self.ones, out=conf)
             if not safe:  # rare: shift those rows by their max first
                 extreme = np.flatnonzero(np.abs(top) > _SAFE_EXP)
                 conf[extreme] = 1 / np.exp(block[extreme] - top[extreme, None]).sum(axis=1)

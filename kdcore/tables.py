@@ -51,6 +51,8 @@ SPLITS: tuple[str, ...] = ("train", "unlabelled", "test")
 LOGIT_PREFIX = "logit_"
 PROB_PREFIX = "prob_"
 PROB_TOLERANCE = 1e-3
+# Values per tile when the (K, n) column buffer is transposed to rows (1 MiB of float32).
+_TRANSPOSE_TILE_VALUES = 1 << 18
 DEFAULT_MAX_BYTES = 200 * 1024**2
 
 _RESERVED = ("label", "split", "sample_id")
@@ -852,31 +854,38 @@ def _parse_split(ser: pd.Series, ctx: _Context) -> np.ndarray:
 
 
 def _parse_outputs(df: pd.DataFrame, layout: _Layout, ctx: _Context) -> np.ndarray:
-    n = len(df)
-    out = np.empty((n, len(layout.output_columns)), dtype=np.float32)
+    """The output columns as one (n, K) float32 array, rows in order; first bad cell named.
+
+    Each column is converted straight to float32 into its own contiguous row of a (K, n)
+    buffer and checked there while it is in cache; the buffer is then transposed in tiles.
+    Writing the columns into the (n, K) result one by one (stride K) was 4x slower.
+    """
+    n, k = len(df), len(layout.output_columns)
+    by_column = np.empty((k, n), dtype=np.float32)
+    finite = np.ones(k, dtype=bool)
     for j, col in enumerate(layout.output_columns):
         ser = df[col]
-        if _is_plain_numeric(ser.dtype):
-            values = ser.to_numpy(dtype=np.float64, na_value=np.nan)
-        else:
-            values = _numeric_or_fail(ser, col, ctx)
-        with np.errstate(over="ignore", invalid="ignore"):
-            out[:, j] = values
-        del values
+        with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, named below
+            if _is_plain_numeric(ser.dtype):
+                by_column[j] = ser.to_numpy(dtype=np.float32, na_value=np.nan)
+            else:
+                by_column[j] = _numeric_or_fail(ser, col, ctx)
+        finite[j] = np.isfinite(by_column[j]).all()
 
-    bad = ~np.isfinite(out)
-    if bad.any():
-        i = _first(bad.any(axis=1))
-        j = _first(bad[i])
+    if not finite.all():
+        bad_columns = np.flatnonzero(~finite)
+        i = min(_first(~np.isfinite(by_column[j])) for j in bad_columns)
+        j = next(int(j) for j in bad_columns if not np.isfinite(by_column[j, i]))
         problem = (
             "the value is empty or NaN"
-            if np.isnan(out[i, j])
+            if np.isnan(by_column[j, i])
             else "the value is infinite or too large for float32 (beyond ±3.4e38)"
         )
         raise _err(
             ctx.source, problem, _OUTPUTS_FIX + ".", column=layout.output_columns[j], row=ctx.row(i)
         )
-    del bad
+    out = _rows_from_columns(by_column)
+    del by_column
 
     if layout.kind == "probabilities":
         negative = out < 0
@@ -903,6 +912,16 @@ def _parse_outputs(df: pd.DataFrame, layout: _Layout, ctx: _Context) -> np.ndarr
                 "logit_<class> columns instead.",
                 row=ctx.row(i),
             )
+    return out
+
+
+def _rows_from_columns(by_column: np.ndarray) -> np.ndarray:
+    """Transpose a (K, n) array to a C-ordered (n, K) one, a cache-sized tile at a time."""
+    k, n = by_column.shape
+    out = np.empty((n, k), dtype=by_column.dtype)
+    step = max(1, _TRANSPOSE_TILE_VALUES // k)
+    for start in range(0, n, step):
+        out[start : start + step] = by_column[:, start : start + step].T
     return out
 
 
