@@ -68,13 +68,15 @@ NO_HELD_OUT = ("no held-out predictions: the teacher may have been trained on th
 
 def softmax(outputs: np.ndarray, probabilities: bool = False) -> np.ndarray:
     """Row-normalised probabilities of logits (or of given probabilities)."""
-    z = np.asarray(outputs, dtype=np.float64)
+    z = np.array(outputs, dtype=np.float64)  # one copy, worked on in place
     if probabilities:
-        p = np.clip(z, 0.0, None)
-        return p / np.clip(p.sum(1, keepdims=True), 1e-12, None)
-    z = z - z.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
+        np.clip(z, 0.0, None, out=z)
+        z /= np.clip(z.sum(1, keepdims=True), 1e-12, None)
+        return z
+    z -= z.max(1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(1, keepdims=True)
+    return z
 
 
 @dataclass
@@ -265,8 +267,7 @@ def assess(labels: np.ndarray, teacher_outputs: np.ndarray, *, probabilities: bo
         pred_probs = softmax(outputs, probabilities)
 
     # cleanlab on the classes present (a class without labels has no noise rate to estimate)
-    col = {c: i for i, c in enumerate(present)}
-    sub_labels = np.array([col[c] for c in labels])
+    sub_labels = np.searchsorted(present, labels)  # present is sorted: each label's position
     sub_probs = pred_probs[:, present]
     sub_probs = sub_probs / np.clip(sub_probs.sum(1, keepdims=True), 1e-12, None)
     try:
