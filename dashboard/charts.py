@@ -261,6 +261,15 @@ def image_grid(images: np.ndarray, titles: Sequence[str] | None = None, *,
     return fig
 
 
+def _model_colours(models: Sequence[str], highlight: str | None = None) -> dict[str, str]:
+    """``teacher`` grey, ``highlight`` (default: the last model) student blue, the others the
+    series colours in order: one model keeps its colour across the charts of a page."""
+    highlight = highlight or models[-1]
+    palette = iter([c for c in SERIES if c != STUDENT])
+    return {m: TEACHER if m == "teacher" else STUDENT if m == highlight else next(palette)
+            for m in models}
+
+
 def per_class_before_after(per_class: pd.DataFrame, *, title: str | None = None,
                            highlight: str | None = None) -> go.Figure:
     """Grouped bars of per-class accuracy: column ``class``, then one column per model.
@@ -270,15 +279,12 @@ def per_class_before_after(per_class: pd.DataFrame, *, title: str | None = None,
     """
     models = [c for c in per_class.columns if c != "class"]
     classes = per_class["class"].astype(str)
-    highlight = highlight or models[-1]
+    colours = _model_colours(models, highlight)
     fig = go.Figure()
-    palette = iter([c for c in SERIES if c != STUDENT])
     for model in models:
-        colour = (TEACHER if model == "teacher" else STUDENT if model == highlight
-                  else next(palette))
         values = per_class[model].astype(float)
         fig.add_trace(go.Bar(
-            x=classes, y=values, name=model, marker_color=colour,
+            x=classes, y=values, name=model, marker_color=colours[model],
             text=[f"{v:.0%}" if np.isfinite(v) else "" for v in values], textposition="outside",
             hovertemplate=f"{model}, class %{{x}}: %{{y:.1%}} right<extra></extra>"))
     fig.update_layout(barmode="group", bargap=0.2, bargroupgap=0.05)
@@ -371,12 +377,12 @@ def per_class_change(df: pd.DataFrame) -> go.Figure:
     """Each student's per-class accuracy minus the teacher's, in points (frame as above)."""
     students = [c for c in df.columns if c not in ("class", "teacher")]
     classes = df["class"].astype(str)
+    colours = _model_colours(students)  # as in per_class_grouped_bars, on the same page
     fig = go.Figure()
-    palette = iter([STUDENT] + [c for c in SERIES if c != STUDENT])
     for model in students:
         change = 100 * (df[model].astype(float) - df["teacher"].astype(float))
         fig.add_trace(go.Bar(
-            x=classes, y=change, name=model, marker_color=next(palette),
+            x=classes, y=change, name=model, marker_color=colours[model],
             hovertemplate=f"{model}, class %{{x}}: %{{y:+.1f}} points vs the teacher"
                           "<extra></extra>"))
     fig.add_hline(y=0, line_color=TEACHER)

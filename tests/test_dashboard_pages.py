@@ -197,3 +197,12 @@ def test_charts_are_pure_figures():
     ]
     assert all(isinstance(f, go.Figure) and f.layout.title.text is not None for f in figures[:7])
     assert "streamlit" not in Path(charts.__file__).read_text()
+
+
+def test_a_student_keeps_its_colour_across_the_per_class_charts():
+    df = pd.DataFrame({"class": ["0", "1"], "teacher": [0.9, 0.5], "kd": [0.9, 0.6],
+                       "kd+be+br": [0.95, 0.8]})
+    before_after = {t.name: t.marker.color for t in charts.per_class_grouped_bars(df).data}
+    change = {t.name: t.marker.color for t in charts.per_class_change(df).data}
+    assert change == {m: before_after[m] for m in ("kd", "kd+be+br")}
+    assert before_after["kd+be+br"] == charts.STUDENT != before_after["kd"]
