@@ -15,12 +15,10 @@ copied: they take 400 MB).
 from __future__ import annotations
 
 import resource
-import statistics
-import time
-from collections.abc import Callable
 
 import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix
+from timing import interleaved, ratio  # benchmarks/timing.py, next to this script
 
 from kdcore.bias import decompose
 
@@ -28,34 +26,6 @@ N_SAMPLES = 1_000_000
 N_CLASSES = 100
 SEED = 0
 ROUNDS = 7
-
-
-def timed(fn: Callable[[], object]) -> float:
-    """Wall-clock seconds of one ``fn()``.
-
-    The result is freed after the clock stops: handing tens of MB back to the OS is not part
-    of computing them, and on this VM it alone varies by 10-20 ms.
-    """
-    start = time.perf_counter()
-    result = fn()
-    elapsed = time.perf_counter() - start
-    del result
-    return elapsed
-
-
-def rounds(contenders: dict[str, Callable[[], object]], n: int) -> dict[str, list[float]]:
-    """Time every contender once per round, ``n`` rounds, one after the other."""
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(n):
-        for name, fn in contenders.items():
-            times[name].append(timed(fn))
-    return times
-
-
-def ratio(a: list[float], b: list[float]) -> tuple[float, float, float]:
-    """Median and range over rounds of ``a[i] / b[i]``."""
-    per_round = [x / y for x, y in zip(a, b, strict=True)]
-    return statistics.median(per_round), min(per_round), max(per_round)
 
 
 def peak_rss_mb() -> float:
@@ -84,7 +54,7 @@ def main() -> None:
     print(f"peak RSS after decompose: {peak_rss_mb():.0f} MB")
     del report
 
-    t = rounds({
+    t = interleaved({
         "decompose": lambda: decompose(labels, logits),
         "sklearn": lambda: sklearn_summary(labels, logits),
         "max": lambda: np.max(logits, axis=1),
@@ -94,13 +64,13 @@ def main() -> None:
     print(f"{ROUNDS} interleaved rounds; times are the best round, ratios the median round "
           "[range]")
     print(f"decompose                                   {best['decompose']:8.3f} s")
-    r = ratio(t["sklearn"], t["decompose"])
+    r = ratio(t, "sklearn", "decompose")
     print(f"sklearn argmax+confusion_matrix+report      {best['sklearn']:8.3f} s"
           f"   decompose is {r[0]:.1f}x faster [{r[1]:.1f}-{r[2]:.1f}] (target >= 4)")
-    r = ratio(t["decompose"], t["sum"])
+    r = ratio(t, "decompose", "sum")
     print(f"read pass logits.sum()                      {best['sum']:8.3f} s"
           f"   decompose / read = {r[0]:.1f}x [{r[1]:.1f}-{r[2]:.1f}] (target <= 5)")
-    r = ratio(t["decompose"], t["max"])
+    r = ratio(t, "decompose", "max")
     print(f"read pass np.max(logits, axis=1)            {best['max']:8.3f} s"
           f"   decompose / read = {r[0]:.1f}x [{r[1]:.1f}-{r[2]:.1f}]")
     print(f"peak RSS at end: {peak_rss_mb():.0f} MB")

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from timing import interleaved, ratio  # benchmarks/timing.py, next to this script
 
 from kdcore.allocator import keep_freed_memory
 from kdcore.losses import parse_strategy, strategy_loss
@@ -36,22 +36,10 @@ from kdcore.models import cnn
 Step = Callable[[], None]
 
 
-def interleaved(fns: dict[str, Step], repeats: int, inner: int) -> dict[str, list[float]]:
-    """Seconds per call of each function, one list entry per round, alternating between them."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            times[name].append((time.perf_counter() - start) / inner)
-    return times
-
-
-def ratio(times: dict[str, list[float]], name: str, baseline: str) -> str:
+def ratio_text(times: dict[str, list[float]], name: str, baseline: str) -> str:
     """``median [min-max]`` over rounds of ``times[name] / times[baseline]``."""
-    per_round = [a / b for a, b in zip(times[name], times[baseline], strict=True)]
-    return f"{statistics.median(per_round):.3f}x [{min(per_round):.2f}-{max(per_round):.2f}]"
+    mid, lo, hi = ratio(times, name, baseline)
+    return f"{mid:.3f}x [{lo:.2f}-{hi:.2f}]"
 
 
 def median_us(times: dict[str, list[float]], name: str) -> str:
@@ -114,12 +102,12 @@ def main() -> None:
             "bias-aware": loss_step("kd+be+br+dl", s, t, y, cached),
             "bias-aware, argmax in loss": loss_step("kd+be+br+dl", s, t, y, None),
             "plain": plain_kd_step(s, t, y),
-        }, repeats=21, inner=30)
+        }, rounds=21, inner=30)
         print(f"  B={batch:<5} K={classes:<4} kd {median_us(r, 'kd')}  "
               f"kd+be+br+dl {median_us(r, 'bias-aware')}  "
-              f"ratio {ratio(r, 'bias-aware', 'kd')}  |  argmax in the loss "
-              f"{ratio(r, 'bias-aware, argmax in loss', 'kd')}  |  kd vs hand-written KD+CE "
-              f"{ratio(r, 'kd', 'plain')}")
+              f"ratio {ratio_text(r, 'bias-aware', 'kd')}  |  argmax in the loss "
+              f"{ratio_text(r, 'bias-aware, argmax in loss', 'kd')}  |  kd vs hand-written KD+CE "
+              f"{ratio_text(r, 'kd', 'plain')}")
 
     x = torch.randn(128, 3, 32, 32)
     t = torch.randn(128, 100) * 3
@@ -128,10 +116,10 @@ def main() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     r = interleaved({"kd": train_step("kd", model, opt, x, t, y, t.argmax(1)),
                      "bias-aware": train_step("kd+be+br+dl", model, opt, x, t, y, t.argmax(1))},
-                    repeats=9, inner=3)
+                    rounds=9, inner=3)
     print(f"train step, CNN 32x32x3 B=128 K=100: kd {statistics.median(r['kd']) * 1e3:.1f} ms  "
           f"kd+be+br+dl {statistics.median(r['bias-aware']) * 1e3:.1f} ms  "
-          f"ratio {ratio(r, 'bias-aware', 'kd')} (target <= 1.05)")
+          f"ratio {ratio_text(r, 'bias-aware', 'kd')} (target <= 1.05)")
 
 
 if __name__ == "__main__":
