@@ -276,7 +276,10 @@ def assess(labels: np.ndarray, teacher_outputs: np.ndarray, *, probabilities: bo
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            flagged = np.asarray(find_label_issues(sub_labels, sub_probs), dtype=bool)
+            # n_jobs=1: cleanlab otherwise opens a multiprocessing Pool, which forks the
+            # (multi-threaded) dashboard server and can deadlock it for good.
+            flagged = np.asarray(find_label_issues(sub_labels, sub_probs, n_jobs=1),
+                                 dtype=bool)
             scores = np.asarray(get_label_quality_scores(sub_labels, sub_probs), dtype=float)
     except Exception as exc:  # cleanlab refuses data it cannot estimate noise rates on
         return none(f"cleanlab could not assess these rows ({type(exc).__name__}: {exc})")

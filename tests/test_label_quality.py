@@ -228,3 +228,48 @@ def test_cli_train_with_lq(tmp_path):
     assert doc["strategy"] == "kd+be+br+dl+lq"
     assert doc["lq_teacher_wrong"] == 5 and doc["lq_flagged"] == 0
     assert 0.0 <= doc["test_accuracy"] <= 1.0
+
+
+def test_the_label_check_never_opens_a_process_pool(monkeypatch):
+    """A pool forks the multi-threaded dashboard server, which can deadlock it for good."""
+    import multiprocessing.pool
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the label check opened a multiprocessing pool")
+
+    monkeypatch.setattr(multiprocessing.pool.Pool, "__init__", refuse)
+    x, y, teacher = _blobs()
+    assert assess(y, teacher, features=x).available
+
+
+SOAK = """
+import sys, threading
+import numpy as np
+from kdcore.analysis import assess_table, bundle_features, bundle_table, select
+from kdcore.bundles import load_bundle
+
+bundle = load_bundle()
+table = bundle_table(bundle)
+features = bundle_features(bundle)[table.split == "test"]
+done = []
+
+def check():  # what the Teacher-bias page runs, from a thread as Streamlit does
+    for _ in range(int(sys.argv[1])):
+        assert assess_table(select(table, "test"), features=features).available
+        done.append(1)
+
+busy = threading.Thread(target=lambda: threading.Event().wait(600), daemon=True)
+busy.start()  # the server has other threads alive while a page runs
+worker = threading.Thread(target=check)
+worker.start()
+worker.join()
+print(len(done))
+"""
+
+
+@pytest.mark.slow
+def test_the_label_check_runs_200_times_in_a_threaded_process_without_hanging():
+    out = subprocess.run([sys.executable, "-c", SOAK, "200"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "200"
