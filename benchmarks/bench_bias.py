@@ -1,4 +1,4 @@
-"""Time kdcore.bias.decompose on 1,000,000 x 100 float32 logits.
+"""Time kdcore.analysis.bias.decompose on 1,000,000 x 100 float32 logits.
 
 Run: ``python benchmarks/bench_bias.py``. Compares against
 
@@ -20,7 +20,7 @@ import numpy as np
 from sklearn.metrics import classification_report, confusion_matrix
 from timing import interleaved, ratio  # benchmarks/timing.py, next to this script
 
-from kdcore.bias import decompose
+from kdcore.analysis.bias import decompose
 
 N_SAMPLES = 1_000_000
 N_CLASSES = 100

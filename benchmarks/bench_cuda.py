@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from kdcore.bundles import load_bundle
-from kdcore.train import TrainConfig, train_student
+from kdcore.data.bundles import load_bundle
+from kdcore.learning.train import TrainConfig, train_student
 
 
 def main() -> int:

@@ -3,8 +3,8 @@
     python benchmarks/bench_dashboard.py [--rows 1000000] [--classes 10]
 
 Runs the real page through Streamlit's AppTest (no browser). The baseline, measured in the
-same run, is the engine alone: ``kdcore.analysis.report`` on the same table, which is the least
-work any rendering of the page must do. Figures are ratios against it.
+same run, is the engine alone: ``kdcore.analysis.analyzer.report`` on the same table, which
+is the least work any rendering of the page must do. Figures are ratios against it.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from streamlit.testing.v1 import AppTest
 
-from kdcore.analysis import report
-from kdcore.tables import PredictionTable
+from kdcore.analysis.analyzer import report
+from kdcore.data.tables import PredictionTable
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "dashboard" / "app_pages" / "teacher_bias.py"

@@ -7,7 +7,7 @@ On the bundled sample (``digits_vendor``), for each of 5 seeds s = 0..4:
 1. Copy the 62 verified labels of the ``train`` split and flip ``NOISE_RATE`` (15%, i.e. 9) of
    them, chosen with ``numpy.random.default_rng(s)``, each to a class drawn uniformly from the
    other nine. The true labels stay known.
-2. Run the label-quality assessment (kdcore.label_quality.assess, cleanlab on 5-fold
+2. Run the label-quality assessment (kdcore.analysis.label_quality.assess, cleanlab on 5-fold
    cross-validated probabilities from the inputs) on the noisy labels and measure the
    precision and recall of ``likely_label_error`` against the flipped rows. Flags exist only on
    teacher-wrong rows, so the recall ceiling (flipped rows the teacher disagrees with) is shown.
@@ -17,7 +17,7 @@ On the bundled sample (``digits_vendor``), for each of 5 seeds s = 0..4:
 
 Prints the detection figures, test accuracy mean +- std over the seeds, and the paired
 difference of each ``+lq`` variant against the same strategy without it, with a 95%
-t-interval (kdcore.compare.paired_difference). The test split is clean and held out.
+t-interval (kdcore.value.compare.paired_difference). The test split is clean and held out.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ import time
 import numpy as np
 import torch
 
-from kdcore.bundles import load_bundle
-from kdcore.compare import paired_difference
-from kdcore.label_quality import assess
-from kdcore.train import TrainConfig, train_student
+from kdcore.analysis.label_quality import assess
+from kdcore.data.bundles import load_bundle
+from kdcore.learning.train import TrainConfig, train_student
+from kdcore.value.compare import paired_difference
 
 NOISE_RATE = 0.15
 SEEDS = (0, 1, 2, 3, 4)

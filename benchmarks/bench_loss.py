@@ -2,13 +2,13 @@
 
     python benchmarks/bench_loss.py [--threads N]
 
-Runs as ``kdcore train`` runs each job (``kdcore.jobs``): one torch thread by default (on a
+Runs as ``kdcore train`` runs each job (``kdcore.store.jobs``): one torch thread by default (on a
 2-core machine two threads also make every timing hostage to whatever else runs there), and
-glibc told to keep freed memory (``kdcore.allocator``; without it the batch-1024 figures swing
-from 1.0x to 1.6x between runs, with the allocation history of the process).
+glibc told to keep freed memory (``kdcore.learning.allocator``; without it the batch-1024
+figures swing from 1.0x to 1.6x between runs, with the allocation history of the process).
 
 1. The loss alone (forward + backward) on the same logits: kd+be+br+dl vs kd. Target <= 1.25x.
-   Shown twice: with the teacher's argmax cached, as ``kdcore.train.fit`` runs it (a frozen
+   Shown twice: with the teacher's argmax cached, as ``kdcore.learning.train.fit`` runs it (a frozen
    teacher's argmax never changes, so fit finds it once per run), and with the argmax taken
    inside the loss on every call (``strategy_loss`` without ``teacher_predicted``).
 2. A whole training step of a CNN student on 32x32x3 inputs, batch 128 (teacher logits and
@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from timing import interleaved, ratio  # benchmarks/timing.py, next to this script
 
-from kdcore.allocator import keep_freed_memory
-from kdcore.losses import parse_strategy, strategy_loss
-from kdcore.models import cnn
+from kdcore.learning.allocator import keep_freed_memory
+from kdcore.learning.losses import parse_strategy, strategy_loss
+from kdcore.learning.models import cnn
 
 Step = Callable[[], None]
 

@@ -11,7 +11,7 @@ Run: ``python benchmarks/bench_streaming.py`` (``--rows N`` for a smaller file).
    (``ParquetFile.iter_batches``, nothing computed), opened as kdcore opens it
    (``pre_buffer=False``: pyarrow's default keeps every row group's bytes until the read ends,
    so its memory grows with the file);
-3. times ``kdcore.analysis.analyze_stream`` on it (validation of every chunk, one
+3. times ``kdcore.analysis.analyzer.analyze_stream`` on it (validation of every chunk, one
    ``BiasAccumulator`` per split, the same JSON document as ``kdcore analyze``);
 4. runs the two passes twice, alternately, and prints the faster of each, their ratio, and
    each pass's peak RSS (``ru_maxrss``) and its growth; the in-memory size of the logits is
@@ -91,7 +91,7 @@ def _baseline(path: str) -> tuple[float, float, float, float]:
 
 
 def _stream(path: str) -> tuple[float, float, float, dict]:
-    from kdcore.analysis import analyze_stream
+    from kdcore.analysis.analyzer import analyze_stream
 
     before = rss_mb()
     start = time.perf_counter()

@@ -14,7 +14,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from kdcore.losses import strategy_order
+from kdcore.learning.losses import strategy_order
 
 # --- palette and layout shared by every page
 TEACHER = "#7F8C8D"     # grey: the teacher, "before"
@@ -46,7 +46,7 @@ def _finish(fig: go.Figure, title: str, *, height: int | None = None) -> go.Figu
 def bias_rate_bars(per_class: pd.DataFrame) -> go.Figure:
     """Teacher bias rate per class (top) with each class's number of samples (bottom).
 
-    With ``label_error_rate`` and ``teacher_bias_rate`` columns (kdcore.label_quality) the
+    With ``label_error_rate`` and ``teacher_bias_rate`` columns (kdcore.analysis.label_quality) the
     top bars are stacked: teacher bias in red, likely label errors in amber.
 
     Reading both panels together tells imbalance from bias: a tall red bar over a short grey
@@ -295,7 +295,7 @@ def per_class_before_after(per_class: pd.DataFrame, *, title: str | None = None,
 
 
 # --- runs and results
-# Figures for the Train and Results pages, from ``kdcore.compare.summarise`` documents and
+# Figures for the Train and Results pages, from ``kdcore.value.compare.summarise`` documents and
 # ``RunStore.epochs`` frames. Accuracies stay fractions (axes format them as %); differences
 # between accuracies are drawn in percentage points.
 
@@ -306,7 +306,7 @@ def _strategies(summary: dict) -> list[tuple[str, dict]]:
 
 def strategy_accuracy_bars(summary: dict) -> go.Figure:
     """Mean last-epoch test accuracy per strategy, error bars one standard deviation over
-    seeds, a dashed line at the teacher. ``summary`` is ``kdcore.compare.summarise(runs)``.
+    seeds, a dashed line at the teacher. ``summary`` is ``kdcore.value.compare.summarise(runs)``.
 
     The axis starts a little below the lowest bar (differences are a few points), so the bars
     start there too and carry their value as text.
@@ -479,8 +479,9 @@ def job_curves(df: pd.DataFrame) -> go.Figure:
 
 
 # --- roi
-# Figures for the ROI page, from ``kdcore.roi.strategy_points`` frames and ``kdcore.roi``
-# documents. Size and latency axes are logarithmic: a teacher is often 100x the student.
+# Figures for the ROI page, from ``kdcore.value.roi.strategy_points`` frames and
+# ``kdcore.value.roi`` documents. Size and latency axes are logarithmic: a teacher is often
+# 100x the student.
 
 _ROI_AXES = {
     "size_bytes": ("serialized size (bytes, log scale)", "size"),
@@ -510,7 +511,7 @@ def roi_scatter(points: pd.DataFrame, x: str = "size_bytes") -> go.Figure:
     """Accuracy against size (``x="size_bytes"``) or latency (``x="latency_ms_p50"``): the
     teacher as a grey diamond, each student strategy as a dot with ± std over seeds.
 
-    ``points``: ``kdcore.roi.strategy_points`` (columns ``model``, ``kind``, ``accuracy``,
+    ``points``: ``kdcore.value.roi.strategy_points`` (columns ``model``, ``kind``, ``accuracy``,
     ``accuracy_std``, ``seeds``, ``size_bytes``, ``latency_ms_p50``, ...). Every strategy
     trains the same architecture, so the students share one x; labels alternate sides.
     """
@@ -551,7 +552,7 @@ def roi_scatter(points: pd.DataFrame, x: str = "size_bytes") -> go.Figure:
 
 
 def roi_cost_bars(cost: dict, student: str = "student") -> go.Figure:
-    """Monthly serving cost of the teacher and the student from a ``kdcore.roi`` ``cost``
+    """Monthly serving cost of the teacher and the student from a ``kdcore.value.roi`` ``cost``
     object (``teacher_monthly``, ``student_monthly``, ``saving_monthly``)."""
     values = [float(cost["teacher_monthly"]), float(cost["student_monthly"])]
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from kdcore.analysis import load_predictions
-from kdcore.bundles import Bundle, is_bundle, load_bundle, sample_bundle_path
+from kdcore.analysis.analyzer import load_predictions
+from kdcore.data.bundles import Bundle, is_bundle, load_bundle, sample_bundle_path
+from kdcore.data.tables import LOGIT_PREFIX, PredictionTable, read_prediction_table
 from kdcore.errors import KDCoreError
-from kdcore.runs import RunStore, resolve_workspace
-from kdcore.tables import LOGIT_PREFIX, PredictionTable, read_prediction_table
+from kdcore.store.runs import RunStore, resolve_workspace
 
 UPLOADS = "data_uploads"          # session key: upload display name -> PredictionTable
 UPLOAD_TOKENS = "data_upload_tokens"  # session key: upload display name -> content hash

@@ -60,7 +60,7 @@ def _progress(enabled: bool, total: int, desc: str, unit: str):
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from kdcore.analysis import STREAMED_LABEL_QUALITY, analyze_path
+    from kdcore.analysis.analyzer import STREAMED_LABEL_QUALITY, analyze_path
 
     doc = analyze_path(args.path, split=args.split, top=args.top, stream=args.stream or None,
                        workspace=args.workspace)
@@ -124,7 +124,7 @@ def _hidden(text: str | None) -> list[int] | None:
 
 def _load_training_data(args: argparse.Namespace):
     """A bundle folder, or a CSV/Parquet tabular file with the --label-column ... options."""
-    from kdcore.bundles import load_dataset
+    from kdcore.data.bundles import load_dataset
 
     return load_dataset(
         args.bundle, label_column=getattr(args, "label_column", None),
@@ -136,10 +136,11 @@ def _load_training_data(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from kdcore import distributed, label_overrides
-    from kdcore.jobs import execute_distributed, execute_run
-    from kdcore.runs import RunStore
-    from kdcore.train import Cancelled, TrainConfig
+    from kdcore.learning import distributed
+    from kdcore.learning.train import Cancelled, TrainConfig
+    from kdcore.store import overrides as label_overrides
+    from kdcore.store.jobs import execute_distributed, execute_run
+    from kdcore.store.runs import RunStore
 
     bundle = _load_training_data(args)
     config = TrainConfig.for_bundle(bundle, strategy=args.strategy, seed=args.seed,
@@ -201,8 +202,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _run_compare(args: argparse.Namespace, strategies: list[str], seeds: int,
                  overrides: dict) -> dict:
-    from kdcore.compare import compare
-    from kdcore.runs import RunStore
+    from kdcore.store.runs import RunStore
+    from kdcore.value.compare import compare
 
     bundle = _load_training_data(args)
     store = RunStore(args.workspace)
@@ -245,7 +246,7 @@ def _print_summary(summary: dict) -> None:
 
 
 def _strategies(text: str) -> list[str]:
-    from kdcore.losses import parse_strategy
+    from kdcore.learning.losses import parse_strategy
 
     names = [s.strip() for s in text.split(",") if s.strip()]
     if not names:
@@ -266,8 +267,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from kdcore.analysis import analyze, load_predictions
-    from kdcore.compare import DEFAULT_STRATEGIES
+    from kdcore.analysis.analyzer import analyze, load_predictions
+    from kdcore.value.compare import DEFAULT_STRATEGIES
 
     args.bundle = None
     doc = analyze(load_predictions(None))
@@ -293,8 +294,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from kdcore.jobs import cancel_job
-    from kdcore.runs import RunStore, to_frame
+    from kdcore.store.jobs import cancel_job
+    from kdcore.store.runs import RunStore, to_frame
 
     store = RunStore(args.workspace)
     action = args.action or "list"
@@ -344,15 +345,15 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def _assumptions(args: argparse.Namespace):
-    from kdcore.roi import CostAssumptions
+    from kdcore.value.roi import CostAssumptions
 
     return CostAssumptions(requests_per_month=args.requests_per_month,
                            cost_per_hour=args.cost_per_hour, utilisation=args.utilisation)
 
 
 def cmd_roi(args: argparse.Namespace) -> int:
-    from kdcore.roi import format_money, public, roi, roi_table
-    from kdcore.runs import RunStore
+    from kdcore.store.runs import RunStore
+    from kdcore.value.roi import format_money, public, roi, roi_table
 
     doc = roi(RunStore(args.workspace), args.bundle, args.run, assumptions=_assumptions(args),
               threads=args.threads, repeats=args.repeats)
@@ -372,8 +373,8 @@ def cmd_roi(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from kdcore.report import build_report, static_renderer_problem, write_report
-    from kdcore.runs import RunStore
+    from kdcore.store.runs import RunStore
+    from kdcore.value.report import build_report, static_renderer_problem, write_report
 
     suffix = Path(args.out).suffix.lower().lstrip(".") if args.out else ""
     args.format = args.format or (suffix if suffix in ("pdf", "png") else "html")

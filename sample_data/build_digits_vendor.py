@@ -20,8 +20,8 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from kdcore.models import build_model
-from kdcore.train import TrainConfig, fit
+from kdcore.learning.models import build_model
+from kdcore.learning.train import TrainConfig, fit
 
 NOISE = {4: (9, 0.45), 7: (1, 0.45)}  # true class -> (vendor's label, share relabelled)
 TEACHER = {"type": "mlp", "input_dim": 64, "hidden": [512, 512], "n_classes": 10}

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from kdcore.bundles import load_bundle
-from kdcore.compare import plan
-from kdcore.jobs import execute_run
-from kdcore.runs import RunStore
+from kdcore.data.bundles import load_bundle
+from kdcore.store.jobs import execute_run
+from kdcore.store.runs import RunStore
+from kdcore.value.compare import plan
 
 
 @pytest.fixture

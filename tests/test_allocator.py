@@ -1,4 +1,4 @@
-"""kdcore.allocator: glibc's thresholds are fixed where glibc is the C library."""
+"""kdcore.learning.allocator: glibc's thresholds are fixed where glibc is the C library."""
 
 import platform
 import subprocess
@@ -6,13 +6,13 @@ import sys
 
 import pytest
 
-from kdcore.allocator import keep_freed_memory
+from kdcore.learning.allocator import keep_freed_memory
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_glibc_accepts_the_thresholds():
     # in a child process, so the test run's own allocator is left as it is
-    code = "from kdcore.allocator import keep_freed_memory; print(keep_freed_memory())"
+    code = "from kdcore.learning.allocator import keep_freed_memory; print(keep_freed_memory())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
 

@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import confusion_matrix
 
-from kdcore.bundles import load_bundle
+from kdcore.data.bundles import load_bundle
 
 
 def _analyze(*args):
-    return subprocess.run([sys.executable, "-m", "kdcore.cli", "analyze", *args],
+    return subprocess.run([sys.executable, "-m", "kdcore", "analyze", *args],
                           capture_output=True, text=True, timeout=120)
 
 

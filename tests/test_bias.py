@@ -1,4 +1,4 @@
-"""Tests for kdcore.bias: the teacher-bias decomposition of METHOD.md section 1."""
+"""Tests for kdcore.analysis.bias: the teacher-bias decomposition of METHOD.md section 1."""
 
 import json
 import math
@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import confusion_matrix
 
-from kdcore.bias import BiasAccumulator, decompose, predicted_distribution, reliability
+from kdcore.analysis.bias import BiasAccumulator, decompose, predicted_distribution, reliability
 from kdcore.errors import DataError
 
 # Five samples, three classes. Teacher argmax per row: 0, 1, 1, 2, 0.
@@ -258,7 +258,7 @@ def test_a_minus_inf_logit_is_a_zero_probability():
 
 
 def test_threaded_rows_match_one_thread_and_name_the_first_bad_row(monkeypatch):
-    from kdcore import bias
+    from kdcore.analysis import bias
 
     rng = np.random.default_rng(1)
     logits = rng.standard_normal((100_000, 100)).astype(np.float32)  # 10M values: threaded

@@ -34,7 +34,7 @@ def server(trained):
     workspace, _ = trained
     port = _free_port()
     env = {**os.environ, "KDCORE_HOME": str(workspace)}
-    proc = subprocess.Popen([sys.executable, "-m", "kdcore.cli", "dashboard", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "kdcore", "dashboard", "--port", str(port)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

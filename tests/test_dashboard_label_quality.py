@@ -13,7 +13,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from dashboard import state  # noqa: E402
-from kdcore.label_overrides import load_overrides  # noqa: E402
+from kdcore.store.overrides import load_overrides  # noqa: E402
 
 PAGE = ROOT / "dashboard" / "app_pages" / "teacher_bias.py"
 

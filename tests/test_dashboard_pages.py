@@ -19,12 +19,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from dashboard import charts, state  # noqa: E402
-from kdcore.analysis import load_predictions, report, select  # noqa: E402
-from kdcore.bias import reliability  # noqa: E402
-from kdcore.bundles import load_bundle  # noqa: E402
-from kdcore.compare import plan, run_all  # noqa: E402
+from kdcore.analysis.analyzer import load_predictions, report, select  # noqa: E402
+from kdcore.analysis.bias import reliability  # noqa: E402
+from kdcore.data.bundles import load_bundle  # noqa: E402
 from kdcore.errors import DataError  # noqa: E402
-from kdcore.runs import RunStore  # noqa: E402
+from kdcore.store.runs import RunStore  # noqa: E402
+from kdcore.value.compare import plan, run_all  # noqa: E402
 
 PAGES = ROOT / "dashboard" / "app_pages"
 TIMEOUT = 60

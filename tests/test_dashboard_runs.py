@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from kdcore.bundles import load_bundle
-from kdcore.compare import plan, run_all
-from kdcore.jobs import cancel_job, start_job
-from kdcore.runs import Run, RunStore
-from kdcore.train import TrainConfig
+from kdcore.data.bundles import load_bundle
+from kdcore.learning.train import TrainConfig
+from kdcore.store.jobs import cancel_job, start_job
+from kdcore.store.runs import Run, RunStore
+from kdcore.value.compare import plan, run_all
 
 APP = Path(__file__).resolve().parents[1] / "dashboard" / "app.py"
 TRAIN, RESULTS = "app_pages/train.py", "app_pages/results.py"

@@ -10,13 +10,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdcore.analysis import analyze, analyze_path, assess_table, bundle_table, load_predictions
-from kdcore.bundles import load_bundle
+from kdcore.analysis.analyzer import (
+    analyze,
+    analyze_path,
+    assess_table,
+    bundle_table,
+    load_predictions,
+)
+from kdcore.analysis.label_quality import LABEL_ERROR, TEACHER_BIAS, assess
+from kdcore.data.bundles import load_bundle
 from kdcore.errors import DataError
-from kdcore.label_overrides import attach, load_overrides, set_override
-from kdcore.label_quality import LABEL_ERROR, TEACHER_BIAS, assess
-from kdcore.losses import PARTS, UNLABELLED, parse_strategy, strategy_loss, swap_rectify
-from kdcore.train import TrainConfig, likely_label_errors
+from kdcore.learning.losses import PARTS, UNLABELLED, parse_strategy, strategy_loss, swap_rectify
+from kdcore.learning.train import TrainConfig, likely_label_errors
+from kdcore.store.overrides import attach, load_overrides, set_override
 
 
 def _blobs(n_per_class=30, k=4, seed=0):
@@ -65,7 +71,7 @@ def test_without_held_out_predictions_it_says_why():
 
 
 def test_analyze_json_on_the_sample_has_likely_label_errors():
-    out = subprocess.run([sys.executable, "-m", "kdcore.cli", "analyze", "--json"],
+    out = subprocess.run([sys.executable, "-m", "kdcore", "analyze", "--json"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
@@ -220,7 +226,7 @@ def test_lq_with_every_labelled_row_flagged_is_finite():
 
 def test_cli_train_with_lq(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "kdcore.cli", "train", "--strategy", "kd+be+br+dl+lq",
+        [sys.executable, "-m", "kdcore", "train", "--strategy", "kd+be+br+dl+lq",
          "--epochs", "2", "--json", "--quiet", "--workspace", str(tmp_path / "ws")],
         capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr
@@ -245,8 +251,8 @@ def test_the_label_check_never_opens_a_process_pool(monkeypatch):
 SOAK = """
 import sys, threading
 import numpy as np
-from kdcore.analysis import assess_table, bundle_features, bundle_table, select
-from kdcore.bundles import load_bundle
+from kdcore.analysis.analyzer import assess_table, bundle_features, bundle_table, select
+from kdcore.data.bundles import load_bundle
 
 bundle = load_bundle()
 table = bundle_table(bundle)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcore.errors import DataError
-from kdcore.losses import (
+from kdcore.learning.losses import (
     UNLABELLED,
     dkd_loss,
     dynamic_weight,
@@ -212,7 +212,7 @@ def test_strategy_name_is_canonical():
 
 
 def test_strategy_order_and_bias_awareness_are_read_from_the_names():
-    from kdcore.losses import is_bias_aware, strategy_order
+    from kdcore.learning.losses import is_bias_aware, strategy_order
 
     names = ["dkd+be+br+dl", "btkd", "kd+be+br", "kd", "ce", "kd+be", "dkd"]
     assert strategy_order(names) == ["ce", "kd", "kd+be", "kd+be+br", "btkd", "dkd",

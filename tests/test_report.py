@@ -11,15 +11,15 @@ import pytest
 
 from kdcore import __version__
 from kdcore.cli import main
-from kdcore.report import (
+from kdcore.store.runs import RunStore
+from kdcore.value.report import (
     NO_STUDENTS,
     build_report,
     render_html,
     static_renderer_problem,
     write_report,
 )
-from kdcore.roi import CostAssumptions
-from kdcore.runs import RunStore
+from kdcore.value.roi import CostAssumptions
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -212,7 +212,7 @@ def test_overview_has_a_download_report_button(tmp_path, monkeypatch):
 
 
 def test_report_download_bytes_match_the_cli_report(trained, tmp_path):
-    from kdcore.report import report_download
+    from kdcore.value.report import report_download
 
     ws, _ = trained
     page = report_download(RunStore(ws)).decode("utf-8")

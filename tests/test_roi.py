@@ -12,12 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-from kdcore import roi as roi_mod
-from kdcore.bundles import load_bundle
 from kdcore.cli import main
+from kdcore.data.bundles import load_bundle
 from kdcore.errors import DataError
-from kdcore.models import build_model
-from kdcore.roi import (
+from kdcore.learning.models import build_model
+from kdcore.store.runs import RunStore
+from kdcore.value import roi as roi_mod
+from kdcore.value.roi import (
     CostAssumptions,
     cost_model,
     format_money,
@@ -27,7 +28,6 @@ from kdcore.roi import (
     time_alternately,
     torch_threads,
 )
-from kdcore.runs import RunStore
 
 # --------------------------------------------------------------------------- cost arithmetic
 

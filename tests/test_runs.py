@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 
 from kdcore.errors import DataError
-from kdcore.runs import (
+from kdcore.store.runs import (
     SCHEMA_VERSION,
     STATUSES,
     Run,
@@ -351,7 +351,7 @@ def test_store_from_a_newer_kdcore_is_refused(tmp_path):
 _WORKER = r"""
 import sys, time
 from pathlib import Path
-from kdcore.runs import RunStore
+from kdcore.store.runs import RunStore
 workspace, go, worker = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 (go.parent / f"ready-{worker}").touch()
 while not go.exists():
@@ -404,7 +404,7 @@ def test_four_processes_writing_at_once_never_lock_and_lose_nothing(tmp_path):
 
 _SLEEPER = r"""
 import sys, time
-from kdcore.runs import RunStore
+from kdcore.store.runs import RunStore
 store = RunStore(sys.argv[1])
 run_id = store.create({"strategy": "kd", "seed": 0})
 store.start(run_id)

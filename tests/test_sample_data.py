@@ -1,4 +1,4 @@
-"""The bundled sample: small, rebuildable bit for bit, and the regime the issue asks for."""
+"""The bundled sample: small, rebuildable, and the regime the issue asks for."""
 
 import importlib.util
 import json
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdcore.bundles import load_bundle, sample_bundle_path
+from kdcore.data.bundles import load_bundle, sample_bundle_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,14 +24,25 @@ def test_sample_is_under_5_mb():
     assert total < 5 * 1024**2
 
 
-def test_build_script_reproduces_the_shipped_teacher(tmp_path):
+def test_build_script_reproduces_the_shipped_sample(tmp_path):
+    """The data arrays bit for bit; the teacher to within the rounding of the CPU's kernels.
+
+    torch picks its CPU kernels by instruction set (AVX-512 or AVX2, see
+    ``torch.backends.cpu.get_cpu_capability()``), and their rounding differs, so a teacher
+    trained for 300 epochs on another machine lands on slightly different weights.
+    """
     manifest = _build_module().build(tmp_path / "rebuilt", seed=0)
     shipped = json.loads((sample_bundle_path() / "manifest.json").read_text())
-    assert manifest["teacher"]["test_accuracy"] == shipped["teacher"]["test_accuracy"]
+    assert abs(manifest["teacher"]["test_accuracy"] - shipped["teacher"]["test_accuracy"]) < 0.01
     with np.load(tmp_path / "rebuilt" / "data.npz") as new, \
             np.load(sample_bundle_path() / "data.npz") as old:
+        assert sorted(new.files) == sorted(old.files)
         for key in old.files:
-            assert np.allclose(new[key], old[key], atol=1e-5), key
+            if key.startswith("teacher_logits"):
+                agree = (new[key].argmax(1) == old[key].argmax(1)).mean()
+                assert agree >= 0.99, (key, agree)
+            else:
+                assert np.array_equal(new[key], old[key]), key
 
 
 def test_teacher_weights_reproduce_the_shipped_logits():
@@ -57,7 +68,7 @@ def test_teacher_is_wrong_on_the_distillation_data_because_of_the_vendor_labels(
 
 
 def test_student_is_much_smaller_than_teacher():
-    from kdcore.models import build_model, count_parameters
+    from kdcore.learning.models import build_model, count_parameters
 
     bundle = load_bundle()
     student = count_parameters(build_model(bundle.student_spec))

@@ -15,8 +15,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kdcore import analysis
-from kdcore.analysis import analyze, analyze_path, analyze_stream, load_predictions, should_stream
+from kdcore.analysis import analyzer as analysis
+from kdcore.analysis.analyzer import (
+    analyze,
+    analyze_path,
+    analyze_stream,
+    load_predictions,
+    should_stream,
+)
 from kdcore.errors import DataError
 
 N_ROWS, N_CLASSES, ROW_GROUP, CHUNK = 200_000, 20, 50_000, 30_000
@@ -81,7 +87,7 @@ def test_streamed_document_equals_the_in_memory_one(big):
 
 
 def test_cli_streams_with_the_flag_and_prints_the_same_json(big):
-    out = subprocess.run([sys.executable, "-m", "kdcore.cli", "analyze", str(big), "--stream",
+    out = subprocess.run([sys.executable, "-m", "kdcore", "analyze", str(big), "--stream",
                           "--json"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     streamed = json.loads(out.stdout)

@@ -13,13 +13,13 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from kdcore.errors import DataError
-from kdcore.tables import (
+from kdcore.data.tables import (
     PredictionTable,
     iter_parquet_chunks,
     read_prediction_table,
     validate_frame,
 )
+from kdcore.errors import DataError
 
 GOOD_CSV = (
     "sample_id,label,logit_cat,logit_dog,logit_bird,split\n"

@@ -11,11 +11,11 @@ from sklearn.datasets import load_wine
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import cross_val_predict
 
-from kdcore.bundles import load_dataset, sample_bundle_path
+from kdcore.data.bundles import load_dataset, sample_bundle_path
+from kdcore.data.tabular import load_tabular
 from kdcore.errors import DataError
-from kdcore.runs import RunStore
-from kdcore.tabular import load_tabular
-from kdcore.train import TrainConfig, train_student
+from kdcore.learning.train import TrainConfig, train_student
+from kdcore.store.runs import RunStore
 
 LOGITS = ["logit_0", "logit_1", "logit_2"]
 
@@ -43,7 +43,7 @@ def files(tmp_path_factory):
 
 
 def _cli(*args, workspace):
-    return subprocess.run([sys.executable, "-m", "kdcore.cli", *map(str, args), "--workspace",
+    return subprocess.run([sys.executable, "-m", "kdcore", *map(str, args), "--workspace",
                            str(workspace), "--quiet"],
                           capture_output=True, text=True, timeout=600)
 

@@ -8,11 +8,11 @@ import time
 import numpy as np
 import pytest
 
-from kdcore.bundles import load_bundle
-from kdcore.compare import paired_difference, plan, run_all, summarise, verdict
-from kdcore.jobs import cancel_job, execute_run, start_job
-from kdcore.runs import RunStore
-from kdcore.train import TrainConfig, bias_inheritance, train_student
+from kdcore.data.bundles import load_bundle
+from kdcore.learning.train import TrainConfig, bias_inheritance, train_student
+from kdcore.store.jobs import cancel_job, execute_run, start_job
+from kdcore.store.runs import RunStore
+from kdcore.value.compare import paired_difference, plan, run_all, summarise, verdict
 
 STRATEGIES = ["ce", "kd", "dkd", "kd+be", "kd+br", "kd+be+br", "kd+be+br+dl", "dkd+be+br+dl",
               "btkd"]
@@ -144,7 +144,7 @@ def test_a_detached_job_can_be_cancelled(bundle, workspace):
 
 
 def _cli(*args, workspace):
-    command = [sys.executable, "-m", "kdcore.cli", *args, "--workspace", str(workspace)]
+    command = [sys.executable, "-m", "kdcore", *args, "--workspace", str(workspace)]
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 

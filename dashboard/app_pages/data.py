@@ -6,9 +6,9 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import state
-from kdcore.analysis import SPLIT_MEANING
+from kdcore.analysis.analyzer import SPLIT_MEANING
+from kdcore.data.tables import LOGIT_PREFIX, PROB_PREFIX
 from kdcore.errors import KDCoreError
-from kdcore.tables import LOGIT_PREFIX, PROB_PREFIX
 
 st.title("Data")
 st.caption("Analyse the bundled sample, a dataset bundle, or your own teacher's predictions. "

@@ -14,12 +14,12 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import charts, state
-from kdcore.analysis import report, select
-from kdcore.bundles import load_bundle, sample_bundle_path
-from kdcore.compare import BASELINE, DEFAULT_STRATEGIES, comparable_groups, plan, summarise
+from kdcore.analysis.analyzer import report, select
+from kdcore.data.bundles import load_bundle, sample_bundle_path
 from kdcore.errors import KDCoreError
-from kdcore.report import report_download
-from kdcore.runs import Run, config_key
+from kdcore.store.runs import Run, config_key
+from kdcore.value.compare import BASELINE, DEFAULT_STRATEGIES, comparable_groups, plan, summarise
+from kdcore.value.report import report_download
 
 DEMO_SEEDS = 5
 DEMO_RUNS = len(DEFAULT_STRATEGIES) * DEMO_SEEDS
@@ -60,7 +60,7 @@ def start_demo() -> None:
     workspace = state.store().workspace
     log = open(workspace / DEMO_LOG, "ab")  # noqa: SIM115 - handed to the child process
     env = {**os.environ, "KDCORE_HOME": str(workspace)}
-    proc = subprocess.Popen([sys.executable, "-m", "kdcore.cli", "demo", "--quiet"],
+    proc = subprocess.Popen([sys.executable, "-m", "kdcore", "demo", "--quiet"],
                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True, env=env, cwd=str(workspace))
     log.close()

@@ -14,10 +14,10 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import charts, state
-from kdcore.compare import BASELINE, comparable_groups, summarise, teacher_per_class
 from kdcore.errors import KDCoreError
-from kdcore.losses import is_bias_aware, strategy_order
-from kdcore.runs import STATUSES, Run
+from kdcore.learning.losses import is_bias_aware, strategy_order
+from kdcore.store.runs import STATUSES, Run
+from kdcore.value.compare import BASELINE, comparable_groups, summarise, teacher_per_class
 
 BEST_EPOCH_NOTE = ("Best-epoch accuracy picks, per run, the epoch that scored highest on the "
                    "test set: it chooses on the test data, so it is optimistic. Compare "

@@ -1,6 +1,6 @@
 """ROI: is the student worth it? Measured size, speed and serving cost against the teacher.
 
-The engine (``kdcore.roi``) measures both models in this process on this machine; the page
+The engine (``kdcore.value.roi``) measures both models in this process on this machine; the page
 only chooses the student, takes the cost assumptions as inputs and draws the result.
 """
 
@@ -11,9 +11,9 @@ import os
 import streamlit as st
 
 from dashboard import charts, state
-from kdcore import roi
 from kdcore.errors import KDCoreError
-from kdcore.losses import is_bias_aware
+from kdcore.learning.losses import is_bias_aware
+from kdcore.value import roi
 
 EMPTY = ("No students were trained yet, so there is nothing to weigh against the teacher. "
          "Go to **Overview** and press **Run the demo**, or run `kdcore demo` in a terminal.")

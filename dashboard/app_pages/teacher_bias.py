@@ -7,12 +7,12 @@ import streamlit as st
 import torch
 
 from dashboard import charts, state
-from kdcore.analysis import SPLIT_MEANING, assess_table, bundle_features, report, select
-from kdcore.bias import reliability
+from kdcore.analysis.analyzer import SPLIT_MEANING, assess_table, bundle_features, report, select
+from kdcore.analysis.bias import reliability
+from kdcore.analysis.label_quality import LABEL_ERROR, TEACHER_BIAS, split_rates
 from kdcore.errors import KDCoreError
-from kdcore.label_overrides import load_overrides, set_override
-from kdcore.label_quality import LABEL_ERROR, TEACHER_BIAS, split_rates
-from kdcore.losses import swap_rectify
+from kdcore.learning.losses import swap_rectify
+from kdcore.store.overrides import load_overrides, set_override
 
 ALL = "all"
 SPLIT_LABELS = {"train": "Distillation data (train)", "test": "Held-out data (test)",

@@ -1,8 +1,9 @@
 """Train: start students as background jobs and watch them live.
 
-Each run is its own ``python -m kdcore.jobs RUN_ID`` process (``kdcore.jobs.start_job``): it
-keeps going when the tab closes or the app restarts, and it writes its progress to the run
-store, which is all this page reads. So jobs started from the CLI show up here too.
+Each run is its own ``python -m kdcore.store.jobs RUN_ID`` process
+(``kdcore.store.jobs.start_job``): it keeps going when the tab closes or the app restarts,
+and it writes its progress to the run store, which is all this page reads. So jobs started from
+the CLI show up here too.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import charts, state
-from kdcore.bundles import Bundle
-from kdcore.compare import DEFAULT_STRATEGIES
+from kdcore.data.bundles import Bundle
 from kdcore.errors import KDCoreError
-from kdcore.jobs import LOG_FILE, cancel_job, start_job
-from kdcore.runs import Run, RunStore, config_key
-from kdcore.train import TrainConfig
+from kdcore.learning.train import TrainConfig
+from kdcore.store.jobs import LOG_FILE, cancel_job, start_job
+from kdcore.store.runs import Run, RunStore, config_key
+from kdcore.value.compare import DEFAULT_STRATEGIES
 
 STRATEGIES = (*DEFAULT_STRATEGIES, "kd+be+br+dl+lq", "dkd", "dkd+be", "dkd+be+br", "dkd+be+br+dl",
               "btkd")

@@ -28,7 +28,7 @@ must come from a model that did not see row i's label. Where they come from:
 A row is a *likely label error* only when it is teacher-wrong, cleanlab flags its label, and
 the out-of-sample model's top class is the teacher's top class (the claim "the teacher is
 right here" needs that agreement). Users can override a verdict per sample
-(:mod:`kdcore.label_overrides`); overrides win.
+(:mod:`kdcore.store.overrides`); overrides win.
 
 Pure numpy/pandas + scikit-learn + cleanlab; no torch, no streamlit.
 """

@@ -39,11 +39,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from kdcore.bundles import Bundle, load_bundle, load_dataset
+from kdcore.data.bundles import Bundle, load_bundle, load_dataset
 from kdcore.errors import DataError
-from kdcore.losses import is_bias_aware, strategy_order
-from kdcore.models import build_model, count_parameters
-from kdcore.runs import Run, RunStore, config_key
+from kdcore.learning.losses import is_bias_aware, strategy_order
+from kdcore.learning.models import build_model, count_parameters
+from kdcore.store.runs import Run, RunStore, config_key
 
 DEFAULT_THREADS = 1
 THROUGHPUT_BATCH = 256

@@ -4,7 +4,7 @@ Stored in ``<workspace>/label_overrides.sqlite`` (its own small file, so the run
 is untouched): one row per (source, sample_key). ``source`` is the data source's name (a
 bundle's name, a table's file name); ``sample_key`` is the row's ``sample_id`` when the data has
 one, else ``<split>:<row within the split>`` (``row:<i>`` without a split column). Overrides
-win over the detection in :mod:`kdcore.label_quality`, in the analysis and in training with
+win over the detection in :mod:`kdcore.analysis.label_quality`, in the analysis and in training with
 ``+lq`` (a run records the overrides it used in its config).
 
 Reading never creates the file; an absent file means no overrides.
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kdcore.analysis.label_quality import VERDICTS
 from kdcore.errors import DataError
-from kdcore.label_quality import VERDICTS
 
 FILE_NAME = "label_overrides.sqlite"
 SCHEMA = """
@@ -37,7 +37,7 @@ CREATE TABLE IF NOT EXISTS label_overrides (
 
 def _path(workspace: str | Path | None) -> Path:
     """The file's path, without creating the workspace (resolve_workspace would)."""
-    from kdcore.runs import ENV_HOME
+    from kdcore.store.runs import ENV_HOME
 
     if workspace is None or str(workspace) == "":
         env = os.environ.get(ENV_HOME, "").strip()
@@ -108,7 +108,7 @@ def attach(config, workspace: str | Path | None):
 
 def source_name(config) -> str:
     """The override source of a training config's data: the bundle's name or the file name."""
-    from kdcore.bundles import is_bundle, load_bundle
+    from kdcore.data.bundles import is_bundle, load_bundle
 
     path = config.bundle or None
     if path is None or is_bundle(path) or Path(path).is_dir():

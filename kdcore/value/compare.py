@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from kdcore import label_overrides
-from kdcore.bundles import Bundle
+from kdcore.data.bundles import Bundle
 from kdcore.errors import DataError, KDCoreError
-from kdcore.jobs import execute_run
-from kdcore.losses import is_bias_aware, parse_strategy
-from kdcore.runs import Run, RunStore
-from kdcore.train import TrainConfig, per_class_accuracy
+from kdcore.learning.losses import is_bias_aware, parse_strategy
+from kdcore.learning.train import TrainConfig, per_class_accuracy
+from kdcore.store import overrides as label_overrides
+from kdcore.store.jobs import execute_run
+from kdcore.store.runs import Run, RunStore
 
 DEFAULT_STRATEGIES = ("ce", "kd", "kd+be", "kd+be+br", "kd+be+br+dl")
 BASELINE = "kd"

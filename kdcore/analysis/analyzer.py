@@ -2,8 +2,8 @@
 
 Both kinds of input become one ``PredictionTable`` so the CLI, the dashboard and the report
 analyse them the same way. A large Parquet table is streamed instead (:func:`analyze_stream`):
-chunk by chunk into one :class:`~kdcore.bias.BiasAccumulator` per split, so at most one chunk
-of outputs is in memory, and the document is the same as :func:`analyze` gives.
+chunk by chunk into one :class:`~kdcore.analysis.bias.BiasAccumulator` per split, so at most
+one chunk of outputs is in memory, and the document is the same as :func:`analyze` gives.
 """
 
 from __future__ import annotations
@@ -14,12 +14,10 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from kdcore.bias import BiasAccumulator, BiasReport, decompose, predicted_distribution
-from kdcore.bundles import Bundle, is_bundle, load_bundle
-from kdcore.errors import DataError
-from kdcore.label_overrides import load_overrides, sample_keys
-from kdcore.label_quality import LabelQuality, assess, concat
-from kdcore.tables import (
+from kdcore.analysis.bias import BiasAccumulator, BiasReport, decompose, predicted_distribution
+from kdcore.analysis.label_quality import LabelQuality, assess, concat
+from kdcore.data.bundles import Bundle, is_bundle, load_bundle
+from kdcore.data.tables import (
     DEFAULT_MAX_BYTES,
     LOGIT_PREFIX,
     PROB_PREFIX,
@@ -28,6 +26,8 @@ from kdcore.tables import (
     iter_parquet_chunks,
     read_prediction_table,
 )
+from kdcore.errors import DataError
+from kdcore.store.overrides import load_overrides, sample_keys
 
 # Parquet tables with more rows than this (by the file's metadata) are streamed.
 STREAM_ROWS = 2_000_000
@@ -180,7 +180,7 @@ def analyze(table: PredictionTable, *, split: str | None = None, top: int = 10,
 
     With ``label_quality`` every labelled part also gets ``likely_label_errors`` and its
     per-class records ``label_error_rate`` + ``teacher_bias_rate`` (= ``bias_rate``); see
-    :mod:`kdcore.label_quality`. ``features`` (one row per table row) allow cross-validated
+    :mod:`kdcore.analysis.label_quality`. ``features`` (one row per table row) allow cross-validated
     out-of-sample probabilities; ``overrides`` are the user's verdicts by sample key.
     """
     chosen = select(table, split)

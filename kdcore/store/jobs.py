@@ -1,6 +1,6 @@
 """Start, run and cancel training jobs. Each job is its own process that writes to the store.
 
-The app and the CLI call ``start_job`` (a detached ``python -m kdcore.jobs RUN_ID`` process,
+The app and the CLI call ``start_job`` (a detached ``python -m kdcore.store.jobs RUN_ID`` process,
 which outlives the browser tab and the app) or ``execute_run`` in the current process; either
 way progress, per-epoch metrics and the final result go to the run store, so any reader sees
 them. ``cancel_job`` asks the process to stop; it checks between batches.
@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from kdcore import label_overrides
-from kdcore.allocator import keep_freed_memory
-from kdcore.bundles import load_dataset
-from kdcore.distributed import init_process_group, rank_and_world, shutdown
+from kdcore.data.bundles import load_dataset
 from kdcore.errors import KDCoreError
 from kdcore.errors import report as report_error
-from kdcore.runs import RunStore
-from kdcore.train import Cancelled, TrainConfig, save_artifacts, train_student
+from kdcore.learning.allocator import keep_freed_memory
+from kdcore.learning.distributed import init_process_group, rank_and_world, shutdown
+from kdcore.learning.train import Cancelled, TrainConfig, save_artifacts, train_student
+from kdcore.store import overrides as label_overrides
+from kdcore.store.runs import RunStore
 
 LOG_FILE = "job.log"
 
@@ -38,7 +38,7 @@ def execute_run(run_id: str, *, workspace: str | Path | None = None, threads: in
     calls this; only rank 0 writes to the store.
     """
     torch.set_num_threads(threads)
-    keep_freed_memory()  # no page faults for the same tensors every step (kdcore.allocator)
+    keep_freed_memory()  # no page faults for the same tensors every step (learning.allocator)
     lead = rank_and_world()[0] == 0
     store = RunStore(workspace)
     run = store.get(run_id)
@@ -115,7 +115,7 @@ def start_job(config: TrainConfig, *, workspace: str | Path | None = None) -> st
     log = (store.artifact_dir(run_id) / LOG_FILE).open("ab")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     subprocess.Popen(
-        [sys.executable, "-m", "kdcore.jobs", run_id, "--workspace", str(store.workspace)],
+        [sys.executable, "-m", "kdcore.store.jobs", run_id, "--workspace", str(store.workspace)],
         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True, env=env,
     )
@@ -133,7 +133,7 @@ def cancel_job(run_id: str, *, workspace: str | Path | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kdcore.jobs",
+    parser = argparse.ArgumentParser(prog="python -m kdcore.store.jobs",
                                      description="Train one queued run (used by start_job).")
     parser.add_argument("run_id")
     parser.add_argument("--workspace")

@@ -34,13 +34,14 @@ import torch
 from plotly.subplots import make_subplots
 
 from kdcore import __version__
-from kdcore.analysis import bundle_table, select
-from kdcore.analysis import report as bias_report
-from kdcore.bundles import Bundle, load_bundle, load_dataset
-from kdcore.compare import BASELINE, summarise
+from kdcore.analysis.analyzer import bundle_table, select
+from kdcore.analysis.analyzer import report as bias_report
+from kdcore.data.bundles import Bundle, load_bundle, load_dataset
 from kdcore.errors import DataError, KDCoreError
-from kdcore.losses import is_bias_aware, strategy_order
-from kdcore.roi import (
+from kdcore.learning.losses import is_bias_aware, strategy_order
+from kdcore.store.runs import Run, RunStore
+from kdcore.value.compare import BASELINE, summarise
+from kdcore.value.roi import (
     CostAssumptions,
     format_money,
     recipe_key,
@@ -48,7 +49,6 @@ from kdcore.roi import (
     roi,
     roi_table,
 )
-from kdcore.runs import Run, RunStore
 
 FORMATS = ("html", "pdf", "png")
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
@@ -100,7 +100,7 @@ def select_runs(store: RunStore, bundle: Bundle | None = None,
     apart from the seed). Without: for each strategy on the bundle, the recipe with the most
     seeds (then the newest).
     """
-    from kdcore.roi import strategy_runs
+    from kdcore.value.roi import strategy_runs
 
     if not run_ids:
         bundle = bundle or load_bundle(None)
