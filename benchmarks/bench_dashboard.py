@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +23,6 @@ from kdcore.data.tables import PredictionTable
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "dashboard" / "app_pages" / "teacher_bias.py"
-sys.path.insert(0, str(ROOT))  # the page imports the dashboard package, as app.py arranges
 NAME = "big.parquet (uploaded)"
 
 

@@ -1,16 +1,12 @@
 """The kdcore dashboard: a router over the pages in app_pages/.
 
-Run: streamlit run dashboard/app.py (from any folder).
+Installed as the package ``kdcore_app`` (the repository's dashboard/ folder), so pages import
+``from kdcore_app import ...`` from any folder. Run: ``kdcore dashboard``.
 """
 
-import sys
 from pathlib import Path
 
-_ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:  # so pages can `from dashboard import charts, state` from any cwd
-    sys.path.insert(0, _ROOT)
-
-import streamlit as st  # noqa: E402
+import streamlit as st
 
 st.set_page_config(page_title="kdcore", layout="wide")
 

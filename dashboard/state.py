@@ -14,11 +14,12 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from kdcore.analysis.analyzer import load_predictions
 from kdcore.data.bundles import Bundle, is_bundle, load_bundle, sample_bundle_path
+from kdcore.data.sources import load_predictions
 from kdcore.data.tables import LOGIT_PREFIX, PredictionTable, read_prediction_table
 from kdcore.errors import KDCoreError
-from kdcore.store.runs import RunStore, resolve_workspace
+from kdcore.store.runs import RunStore
+from kdcore.workspace import resolve_workspace
 
 UPLOADS = "data_uploads"          # session key: upload display name -> PredictionTable
 UPLOAD_TOKENS = "data_upload_tokens"  # session key: upload display name -> content hash
@@ -28,7 +29,7 @@ SAMPLE_LABEL = " (bundled sample)"
 
 def workspace() -> Path:
     """The workspace folder the app reads and writes ($KDCORE_HOME, else ./.kdcore)."""
-    return resolve_workspace(os.environ.get("KDCORE_HOME") or None)
+    return resolve_workspace()
 
 
 @st.cache_resource(show_spinner=False)

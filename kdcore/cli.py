@@ -10,18 +10,18 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
+from typing import NoReturn
 
 import pandas as pd
 
 from kdcore import __version__
 from kdcore.errors import DataError, KDCoreError
 from kdcore.errors import report as report_error
-
-DEMO_SEEDS = 5
+from kdcore.workspace import ENV_HOME, resolve_workspace
 
 
 def _json_default(obj):
@@ -61,9 +61,12 @@ def _progress(enabled: bool, total: int, desc: str, unit: str):
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from kdcore.analysis.analyzer import STREAMED_LABEL_QUALITY, analyze_path
+    from kdcore.data.sources import source_name
+    from kdcore.store.overrides import load_overrides
 
+    overrides = load_overrides(args.workspace, source_name(args.path))
     doc = analyze_path(args.path, split=args.split, top=args.top, stream=args.stream or None,
-                       workspace=args.workspace)
+                       overrides=overrides)
     doc.setdefault("likely_label_errors", dict(STREAMED_LABEL_QUALITY))
     if args.json:
         emit_json(doc)
@@ -246,7 +249,7 @@ def _print_summary(summary: dict) -> None:
 
 
 def _strategies(text: str) -> list[str]:
-    from kdcore.learning.losses import parse_strategy
+    from kdcore.learning.strategies import parse_strategy
 
     names = [s.strip() for s in text.split(",") if s.strip()]
     if not names:
@@ -267,10 +270,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from kdcore.analysis.analyzer import analyze, load_predictions
-    from kdcore.value.compare import DEFAULT_STRATEGIES
+    from kdcore.analysis.analyzer import analyze
+    from kdcore.data.sources import load_predictions
+    from kdcore.learning.strategies import DEFAULT_STRATEGIES
+    from kdcore.store.selection import DEMO_SEEDS
 
     args.bundle = None
+    args.seeds = args.seeds or DEMO_SEEDS
     doc = analyze(load_predictions(None))
     train = doc["splits"]["train"]
     test = doc["splits"]["test"]
@@ -400,21 +406,35 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- job
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    from kdcore.store.jobs import run_job
+
+    return run_job(args.run_id, workspace=args.workspace, max_jobs=args.max_jobs)
+
+
 # ----------------------------------------------------------------------------- dashboard
 
 
-def cmd_dashboard(args: argparse.Namespace) -> int:
-    app = Path(__file__).resolve().parents[1] / "dashboard" / "app.py"
-    if not app.is_file():
-        raise DataError(f"{app} not found; run from a checkout of the repository")
+def cmd_dashboard(args: argparse.Namespace) -> NoReturn:
+    """Become the Streamlit server of the app installed with kdcore (package kdcore_app, the
+    repository's dashboard/). An exec, not a child process: stopping this process stops the
+    server, and nothing is left behind."""
+    try:
+        app = Path(str(resources.files("kdcore_app") / "app.py"))
+    except ModuleNotFoundError:
+        raise DataError("the dashboard (package kdcore_app) is not installed; "
+                        "run `pip install -e .` in the repository") from None
     env = dict(os.environ)
     if args.workspace:
-        env["KDCORE_HOME"] = str(Path(args.workspace).resolve())
+        env[ENV_HOME] = str(resolve_workspace(args.workspace))
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.host,
            "--server.port", str(args.port), "--server.headless", "true",
            "--browser.gatherUsageStats", "false"]
-    print(f"kdcore dashboard: http://{args.host}:{args.port}", file=sys.stderr)
-    return subprocess.call(cmd, env=env)
+    print(f"kdcore dashboard: http://{args.host}:{args.port}", file=sys.stderr, flush=True)
+    os.execve(sys.executable, cmd, env)
 
 
 # ----------------------------------------------------------------------------- parser
@@ -453,8 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Where is the teacher wrong, and does bias-aware distillation pay?")
     parser.add_argument("--version", action="version", version=f"kdcore {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    public: list[str] = []
 
     def command(name: str, fn: Callable, help_text: str, *, workspace=True, quiet=False):
+        public.append(name)
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(fn=fn)
         if workspace:
@@ -465,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = command("demo", cmd_demo, "the headline on the bundled sample in one command", quiet=True)
-    p.add_argument("--seeds", type=int, default=DEMO_SEEDS)
+    p.add_argument("--seeds", type=int, help="number of seeds (0..N-1; default 5)")
     p.add_argument("--workers", type=int, default=2, help="parallel training processes")
 
     p = command("analyze", cmd_analyze, "teacher-bias analysis of a bundle or prediction table")
@@ -539,6 +561,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("dashboard", cmd_dashboard, "start the Streamlit dashboard")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8501)
+
+    sub.metavar = "{" + ",".join(public) + "}"  # `job` is internal: not in the help
+    p = sub.add_parser("job", description="Train one queued run, then start the next queued "
+                                          "ones: the process behind each background job.")
+    p.set_defaults(fn=cmd_job)
+    p.add_argument("run_id")
+    p.add_argument("--workspace")
+    p.add_argument("--max-jobs", type=int, help="jobs at once (default: one per core)")
     return parser
 
 

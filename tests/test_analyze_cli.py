@@ -64,3 +64,17 @@ def test_analyze_bad_file_exits_2_with_one_line(tmp_path):
     assert out.returncode == 2
     assert out.stdout == ""
     assert len(out.stderr.strip().splitlines()) == 1 and "bad.csv" in out.stderr
+
+
+def test_the_override_source_is_known_before_the_rows_are_read(tmp_path):
+    """The CLI loads a source's overrides by source_name, before analysing: the same name."""
+    from kdcore.data.sources import load_predictions, source_name
+
+    assert source_name(None) == load_predictions(None).source == "digits_vendor"
+    bundle = load_bundle()
+    df = pd.DataFrame(bundle.teacher_logits("test"),
+                      columns=[f"logit_{c}" for c in bundle.class_names])
+    df.insert(0, "label", bundle.y("test"))
+    path = tmp_path / "preds.csv"
+    df.to_csv(path, index=False)
+    assert source_name(path) == load_predictions(path).source == "preds.csv"

@@ -1,7 +1,9 @@
-"""Tests for kdcore.analysis.bias: the teacher-bias decomposition of METHOD.md section 1."""
+"""Tests for kdcore.analysis.bias: the teacher-bias decomposition of docs/method.md section 1."""
 
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -273,3 +275,36 @@ def test_threaded_rows_match_one_thread_and_name_the_first_bad_row(monkeypatch):
     logits[20_000, 7] = np.inf
     with pytest.raises(DataError, match="row 20000 "):
         decompose(labels, logits)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_rectified_is_swap_rectify_then_softmax(temperature):
+    """The dashboard's torch-free rectification equals the loss's (kdcore.learning.losses)."""
+    torch = pytest.importorskip("torch")
+    from kdcore.analysis.bias import rectified, softened
+    from kdcore.learning.losses import swap_rectify
+
+    rng = np.random.default_rng(3)
+    logits = rng.standard_normal((500, 7)).astype(np.float32) * 3
+    labels = rng.integers(0, 7, len(logits))
+    z, y = torch.from_numpy(logits), torch.from_numpy(labels)
+    teacher = softened(logits, temperature=temperature)
+    assert np.allclose(teacher, torch.softmax(z / temperature, 1).numpy(), atol=1e-6)
+    got = rectified(teacher, labels)
+    assert (got.argmax(1) == labels).all() and not np.array_equal(got, teacher)
+    expected = torch.softmax(swap_rectify(z, y) / temperature, 1).numpy()
+    assert np.allclose(got, expected, atol=1e-6)
+    # probabilities are read as the logits log p
+    probs = torch.softmax(z, 1).numpy()
+    assert np.allclose(rectified(softened(probs, probabilities=True, temperature=temperature),
+                                 labels), expected, atol=1e-5)
+
+
+def test_data_and_analysis_import_neither_torch_nor_the_store():
+    code = ("import sys, kdcore.data, kdcore.data.sources, kdcore.data.tabular, "
+            "kdcore.analysis.analyzer; bad = [m for m in sys.modules if m == 'torch' or "
+            "m.startswith(('kdcore.store', 'kdcore.learning'))]; print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

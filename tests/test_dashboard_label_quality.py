@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from kdcore.store.overrides import load_overrides
+from kdcore_app import state
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from dashboard import state  # noqa: E402
-from kdcore.store.overrides import load_overrides  # noqa: E402
-
 PAGE = ROOT / "dashboard" / "app_pages" / "teacher_bias.py"
 
 

@@ -25,7 +25,7 @@ JOB_START_S = 120  # a job process starts in seconds; far more on a busy CI mach
 
 
 def open_page(page: str) -> AppTest:
-    """The page as the app's router shows it (so `from dashboard import ...` resolves)."""
+    """The page as the app's router shows it."""
     at = AppTest.from_file(str(APP), default_timeout=60)
     at.switch_page(page)
     return at.run()
@@ -176,7 +176,7 @@ def test_start_training_launches_a_job_that_finishes(finished_home):
 
     at.button(key="train_start").click().run()
     assert not at.exception and not at.error
-    assert any("Started 1 run" in s.value for s in at.success)
+    assert any("Queued 1 run" in s.value for s in at.success)
     assert at.button(key="train_start").disabled  # the same run is never started twice
     new = [run for run in store.list() if run.id not in before]
     assert [(run.strategy, run.seed, run.config["epochs"]) for run in new] == [("kd+be", 0, 2)]

@@ -10,15 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdcore.analysis.analyzer import (
-    analyze,
-    analyze_path,
-    assess_table,
-    bundle_table,
-    load_predictions,
-)
+from kdcore.analysis.analyzer import analyze, analyze_path, assess_table
 from kdcore.analysis.label_quality import LABEL_ERROR, TEACHER_BIAS, assess
 from kdcore.data.bundles import load_bundle
+from kdcore.data.sources import bundle_table, load_predictions
 from kdcore.errors import DataError
 from kdcore.learning.losses import PARTS, UNLABELLED, parse_strategy, strategy_loss, swap_rectify
 from kdcore.learning.train import TrainConfig, likely_label_errors
@@ -113,13 +108,18 @@ def test_overrides_round_trip_and_apply_in_analysis(tmp_path):
     key = f"train:{wrong[0]}"
     set_override(ws, "digits_vendor", key, LABEL_ERROR)
     assert load_overrides(ws, "digits_vendor") == {key: LABEL_ERROR}
-    doc = analyze_path(None, split="train", workspace=ws)
+    doc = analyze_path(None, split="train", overrides=load_overrides(ws, "digits_vendor"))
     assert doc["likely_label_errors"]["count"] == 1
     assert doc["likely_label_errors"]["n_overridden"] == 1
+    out = subprocess.run([sys.executable, "-m", "kdcore", "analyze", "--split", "train", "--json",
+                          "--workspace", str(ws)], capture_output=True, text=True, timeout=120)
+    assert json.loads(out.stdout)["likely_label_errors"] == doc["likely_label_errors"]  # the CLI
     lq = assess_table(load_predictions(None).subset("train"), overrides={key: LABEL_ERROR})
     assert not lq.available  # without inputs the table alone cannot be assessed...
     set_override(ws, "digits_vendor", key, TEACHER_BIAS)
-    assert analyze_path(None, split="train", workspace=ws)["likely_label_errors"]["count"] == 0
+    overrides = load_overrides(ws, "digits_vendor")
+    assert analyze_path(None, split="train", overrides=overrides)["likely_label_errors"][
+        "count"] == 0
     set_override(ws, "digits_vendor", key, None)
     assert load_overrides(ws, "digits_vendor") == {}
     with pytest.raises(DataError):
@@ -251,8 +251,9 @@ def test_the_label_check_never_opens_a_process_pool(monkeypatch):
 SOAK = """
 import sys, threading
 import numpy as np
-from kdcore.analysis.analyzer import assess_table, bundle_features, bundle_table, select
+from kdcore.analysis.analyzer import assess_table, select
 from kdcore.data.bundles import load_bundle
+from kdcore.data.sources import bundle_features, bundle_table
 
 bundle = load_bundle()
 table = bundle_table(bundle)

@@ -1,6 +1,8 @@
-"""Pins the maths of METHOD.md: KD/DKD values, the swap, BE/BR/DL and the NaN-free edge cases."""
+"""Pins the maths of docs/method.md: KD/DKD values, the swap, BE/BR/DL, the NaN-free edge cases."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,11 +10,15 @@ import torch.nn.functional as F
 
 from kdcore.errors import DataError
 from kdcore.learning.losses import (
+    DKD,
+    KD,
+    METHODS,
     UNLABELLED,
     dkd_loss,
     dynamic_weight,
     kd_loss,
     kd_per_sample,
+    method_for,
     parse_strategy,
     strategy_loss,
     swap_rectify,
@@ -188,8 +194,8 @@ def test_ce_strategy_ignores_the_teacher(batch):
 def test_dkd_strategy_warms_up_linearly(batch):
     s, t, y = batch
     strategy = parse_strategy("dkd")
-    first = strategy_loss(s, t, y, strategy=strategy, epoch=0, epochs=40, dkd_warmup=20)
-    later = strategy_loss(s, t, y, strategy=strategy, epoch=30, epochs=40, dkd_warmup=20)
+    first = strategy_loss(s, t, y, strategy=strategy, epoch=0, epochs=40, method=DKD(warmup=20))
+    later = strategy_loss(s, t, y, strategy=strategy, epoch=30, epochs=40, method=DKD(warmup=20))
     ce = F.cross_entropy(s, y)
     dkd = dkd_loss(s, t, y, 1.0, 8.0, 4.0)
     assert torch.allclose(first.total, 0.5 * ce + 0.5 * dkd / 20)
@@ -211,8 +217,41 @@ def test_strategy_name_is_canonical():
     assert parse_strategy("kd+dl+br+be").name == "kd+be+br+dl"
 
 
+def test_dkd_options_reach_the_loss(batch):
+    s, t, y = batch
+    parts = strategy_loss(s, t, y, strategy=parse_strategy("dkd"), epoch=0, epochs=40,
+                          method=DKD(alpha=0.5, beta=2.0, warmup=0))
+    expected = 0.5 * F.cross_entropy(s, y) + 0.5 * dkd_loss(s, t, y, 0.5, 2.0, 4.0)
+    assert torch.allclose(parts.total, expected)
+
+
+def test_every_distilling_base_has_a_method_with_its_defaults():
+    from kdcore.learning.strategies import BASES
+
+    assert set(METHODS) == set(BASES) - {"ce"}
+    assert method_for("kd") == KD() and method_for("dkd") == DKD(1.0, 8.0, 20)
+    assert method_for("dkd", {"beta": 2.0}) == DKD(beta=2.0)
+
+
+@pytest.mark.parametrize(("base", "options", "message"), [
+    ("dkd", {"gamma": 1.0}, "dkd has no option gamma; it takes alpha, beta, warmup"),
+    ("kd", {"alpha": 1.0}, "kd has no option alpha; it takes no options"),
+    ("ce", {}, "base loss 'ce' does not distil"),
+])
+def test_unknown_method_options_are_data_errors(base, options, message):
+    with pytest.raises(DataError, match=message):
+        method_for(base, options)
+
+
+def test_strategy_names_are_read_without_torch():
+    code = ("import sys, kdcore.learning.strategies as s; s.strategy_order(['kd', 'ce']); "
+            "assert 'torch' not in sys.modules, 'strategies imported torch'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
 def test_strategy_order_and_bias_awareness_are_read_from_the_names():
-    from kdcore.learning.losses import is_bias_aware, strategy_order
+    from kdcore.learning.strategies import is_bias_aware, strategy_order
 
     names = ["dkd+be+br+dl", "btkd", "kd+be+br", "kd", "ce", "kd+be", "dkd"]
     assert strategy_order(names) == ["ce", "kd", "kd+be", "kd+be+br", "btkd", "dkd",

@@ -199,8 +199,6 @@ def test_overview_has_a_download_report_button(tmp_path, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
     root = Path(__file__).resolve().parents[1]
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
     monkeypatch.setenv("KDCORE_HOME", str(tmp_path / "ws"))
     # AppTest leaves the page script as __main__; spawned workers of later tests would run it
     monkeypatch.setitem(sys.modules, "__main__", sys.modules["__main__"])

@@ -49,8 +49,10 @@ def test_teacher_weights_reproduce_the_shipped_logits():
     bundle = load_bundle()
     import torch
 
+    from kdcore.learning.teachers import load_teacher
+
     with torch.no_grad():
-        logits = bundle.load_teacher()(torch.from_numpy(bundle.x("test"))).numpy()
+        logits = load_teacher(bundle)(torch.from_numpy(bundle.x("test"))).numpy()
     assert np.allclose(logits, bundle.teacher_logits("test"), atol=1e-4)
 
 

@@ -16,13 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from kdcore.analysis import analyzer as analysis
-from kdcore.analysis.analyzer import (
-    analyze,
-    analyze_path,
-    analyze_stream,
-    load_predictions,
-    should_stream,
-)
+from kdcore.analysis.analyzer import analyze, analyze_path, analyze_stream, should_stream
+from kdcore.data.sources import load_predictions
 from kdcore.errors import DataError
 
 N_ROWS, N_CLASSES, ROW_GROUP, CHUNK = 200_000, 20, 50_000, 30_000

@@ -74,6 +74,26 @@ def test_load_tabular_has_the_bundle_interface(files):
     assert np.array_equal(data.y("test"), frame.set_index("sample_id").loc[ids, "y"])
 
 
+def test_a_bundle_and_a_tabular_file_are_both_datasets(files):
+    """Each provides every member of the Dataset protocol; the teacher model is a bundle's."""
+    from kdcore.bundles import load_dataset as kept_path
+    from kdcore.data import Dataset
+    from kdcore.data import load_dataset as from_package
+    from kdcore.learning.teachers import load_teacher
+
+    assert from_package is load_dataset is kept_path
+    members = [name for name in vars(Dataset) if not name.startswith("_")]
+    assert {"sample_ids", "teacher_weights", "data_options", "manifest"} <= set(members)
+    tabular, bundle = load_tabular(files["data"], label_column="y"), load_dataset(None)
+    for data in (tabular, bundle):
+        for name in members:
+            assert getattr(data, name) is not None or name in ("teacher_spec", "teacher_weights",
+                                                               "image_shape"), name
+    assert bundle.sample_ids("train") is None and bundle.data_options == {}
+    assert tabular.teacher_weights is None and load_teacher(tabular) is None
+    assert load_teacher(bundle).training is False
+
+
 def test_the_split_depends_on_its_seed_only(files):
     a = load_tabular(files["data"], label_column="y", seed=0)
     b = load_tabular(files["data"], label_column="y", seed=0)
@@ -163,6 +183,9 @@ def _with(frame, column, row, value):
      "columns"),
     (lambda f: f.assign(split="train"), {},
      "bad.csv, column 'split': no row has split 'test'. Fix:"),
+    (lambda f: _with(f.assign(fold="train"), "fold", 2, "val"), {"split_column": "fold"},
+     "bad.csv, column 'fold', data row 3: unknown split 'val'. Fix: use one of the allowed "
+     "values: train, unlabelled, test (held-out data is 'test')."),
     (lambda f: f.assign(label=1), {},
      "bad.csv, column 'label': a column is named 'label' but the label column is 'y'"),
     (lambda f: f.reset_index(), {},

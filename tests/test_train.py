@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from kdcore.data.bundles import load_bundle
+from kdcore.errors import DataError
 from kdcore.learning.train import TrainConfig, bias_inheritance, train_student
 from kdcore.store.jobs import cancel_job, execute_run, start_job
 from kdcore.store.runs import RunStore
@@ -53,6 +54,35 @@ def test_every_strategy_takes_the_same_number_of_steps(bundle):
 
 def test_btkd_config_uses_subset_normalisation(bundle):
     assert TrainConfig.for_bundle(bundle, strategy="btkd").normalisation == "subset"
+
+
+def test_a_method_owns_its_options_and_their_defaults_are_not_stored(bundle):
+    dkd = TrainConfig.for_bundle(bundle, strategy="dkd+be")
+    kd = TrainConfig.for_bundle(bundle, strategy="kd")
+    assert dkd.method_options == {"alpha": 1.0, "beta": 8.0, "warmup": 20}
+    assert kd.method_options == {}
+    # the same stored settings but the strategy: kd and dkd runs compare with each other
+    assert {**dkd.to_dict(), "strategy": "kd"} == kd.to_dict()
+    assert not any(key.startswith("dkd") or key == "method_options" for key in kd.to_dict())
+    custom = TrainConfig.for_bundle(bundle, strategy="dkd", method_options={"beta": 2.0})
+    assert custom.to_dict()["method_options"] == {"alpha": 1.0, "beta": 2.0, "warmup": 20}
+    assert TrainConfig(**custom.to_dict()) == custom
+
+
+@pytest.mark.parametrize(("strategy", "message"), [
+    ("kd", "kd has no option beta"), ("ce", "takes no method options, not beta")])
+def test_options_a_method_does_not_have_are_data_errors(bundle, strategy, message):
+    with pytest.raises(DataError, match=message):
+        TrainConfig.for_bundle(bundle, strategy=strategy, method_options={"beta": 2.0})
+
+
+def test_the_method_options_reach_the_training(bundle):
+    def logits(**options):
+        config = TrainConfig.for_bundle(bundle, strategy="dkd", epochs=1, method_options=options)
+        return train_student(config, bundle)[1].test_logits
+
+    assert np.array_equal(logits(), logits(alpha=1.0, beta=8.0, warmup=20))
+    assert not np.array_equal(logits(), logits(warmup=0))
 
 
 def test_bias_inheritance_counts_same_wrong_class_only():

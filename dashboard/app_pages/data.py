@@ -5,10 +5,10 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard import state
 from kdcore.analysis.analyzer import SPLIT_MEANING
 from kdcore.data.tables import LOGIT_PREFIX, PROB_PREFIX
 from kdcore.errors import KDCoreError
+from kdcore_app import state
 
 st.title("Data")
 st.caption("Analyse the bundled sample, a dataset bundle, or your own teacher's predictions. "

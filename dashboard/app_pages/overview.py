@@ -2,97 +2,44 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from functools import partial
-from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, state
 from kdcore.analysis.analyzer import report, select
-from kdcore.data.bundles import load_bundle, sample_bundle_path
+from kdcore.data.bundles import sample_bundle_path
 from kdcore.errors import KDCoreError
-from kdcore.store.runs import Run, config_key
-from kdcore.value.compare import BASELINE, DEFAULT_STRATEGIES, comparable_groups, plan, summarise
+from kdcore.learning.strategies import DEFAULT_STRATEGIES
+from kdcore.store import selection
+from kdcore.store.jobs import start_queued
+from kdcore.store.runs import Run
+from kdcore.value import figures
+from kdcore.value.before_after import before_after, shown_students
+from kdcore.value.compare import BASELINE, start_demo, summarise
 from kdcore.value.report import report_download
+from kdcore_app import state
 
-DEMO_SEEDS = 5
-DEMO_RUNS = len(DEFAULT_STRATEGIES) * DEMO_SEEDS
-DEMO_LOG = "demo.log"
-ACTIVE = ("queued", "running")
+DEMO_RUNS = len(DEFAULT_STRATEGIES) * selection.DEMO_SEEDS
 
 
-@st.cache_data(show_spinner=False)
-def teacher_per_class(token: str, _table) -> pd.DataFrame:
-    """The teacher's per-class accuracy on held-out data."""
-    return report(select(_table, "test" if "test" in _table.splits else None)).per_class
-
-
-def _is_sample(run: Run) -> bool:
-    try:
-        return Path(run.bundle or "").resolve() == sample_bundle_path().resolve()
-    except OSError:
-        return False
-
-
-def comparison_runs(done: list[Run]) -> tuple[list[Run], bool]:
-    """The comparison to headline: the demo's if any of it is done, else the largest one."""
-    try:
-        demo_keys = {config_key(c.to_dict())
-                     for c in plan(load_bundle(None), DEFAULT_STRATEGIES, range(DEMO_SEEDS))}
-    except KDCoreError:
-        demo_keys = set()
-    sample = [r for r in done if _is_sample(r) and r.metrics.get("test_accuracy") is not None]
-    groups = list(comparable_groups(sample).values())  # largest first
-    for group in groups:
-        if any((r.config_key or config_key(r.config)) in demo_keys for r in group):
-            return group, True
-    return (groups[0] if groups else []), False
-
-
-def start_demo() -> None:
-    """Run the demo comparison in one detached process (it trains two runs at a time)."""
-    workspace = state.store().workspace
-    log = open(workspace / DEMO_LOG, "ab")  # noqa: SIM115 - handed to the child process
-    env = {**os.environ, "KDCORE_HOME": str(workspace)}
-    proc = subprocess.Popen([sys.executable, "-m", "kdcore", "demo", "--quiet"],
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True, env=env, cwd=str(workspace))
-    log.close()
-    st.session_state["overview_demo"] = {"proc": proc, "started": time.time()}
-
-
-def _log_tail(lines: int = 3) -> str:
-    try:
-        text = (state.store().workspace / DEMO_LOG).read_text(errors="replace").strip()
-    except OSError:
-        return ""
-    return " | ".join(text.splitlines()[-lines:])
+def sample_runs() -> list[Run]:
+    """Every run on the bundled sample, any status."""
+    return selection.on_bundle(state.store().list(), sample_bundle_path())
 
 
 @st.fragment(run_every=2)
 def demo_progress() -> None:
-    """Live count of the demo's runs; reruns the whole page when they are all finished."""
-    runs = [r for r in state.store().list() if _is_sample(r)]
+    """Live count of the demo's runs; reruns the whole page when none is queued or running."""
+    try:
+        start_queued(state.store().workspace)  # the queue goes on if a job died before its turn
+    except (KDCoreError, OSError) as exc:
+        state.show_error(exc, "Could not start the next demo run: ")
+    runs = sample_runs()
     counts = pd.Series([r.status for r in runs], dtype=object).value_counts()
     done, failed = int(counts.get("done", 0)), int(counts.get("failed", 0))
     running, queued = int(counts.get("running", 0)), int(counts.get("queued", 0))
     total = max(DEMO_RUNS, len(runs))
-    demo = st.session_state.get("overview_demo")
-    exited = demo is not None and demo["proc"].poll() is not None
-    if not runs:
-        if exited and demo["proc"].returncode != 0:
-            st.error("The demo stopped before training started: "
-                     f"{_log_tail() or 'no output'}. Fix: run `kdcore demo` in a terminal to "
-                     "see the whole message.", icon=":material/error:")
-            return
-        st.progress(0.0, text="Starting the demo: loading the sample and the teacher…")
-        return
     st.progress(min((done + failed) / total, 1.0),
                 text=f"{done} of {total} runs done · {running} running · {queued} queued"
                      + (f" · {failed} failed" if failed else ""))
@@ -104,8 +51,7 @@ def demo_progress() -> None:
         st.error(f"Run {first.id} ({first.strategy}, seed {first.seed}) failed: {first.error}. "
                  "Fix: see the Train page, or run `kdcore demo` in a terminal.",
                  icon=":material/error:")
-    if not running and not queued and (exited or demo is None or done >= DEMO_RUNS):
-        st.session_state.pop("overview_demo", None)
+    if not running and not queued:
         st.rerun(scope="app")
 
 
@@ -129,15 +75,15 @@ try:
 except KDCoreError as exc:
     state.show_error(exc, "Cannot read the run store: ")
     st.stop()
-done_runs = [r for r in all_runs if r.status == "done"]
-runs, is_demo = comparison_runs(done_runs)
-active = [r for r in all_runs if r.status in ACTIVE and _is_sample(r)]
-demo_running = "overview_demo" in st.session_state
+groups = selection.comparable_groups(all_runs)
+headline = selection.headline(groups)
+runs = groups[headline] if headline else []
+is_demo = bool(selection.demo_runs(runs))
+active = selection.pending(selection.on_bundle(all_runs, sample_bundle_path()))
 
 try:
     sample_name = next(iter(state.bundle_choices()))
     table = state.load_source(sample_name)
-    teacher_classes = teacher_per_class(state.source_token(sample_name), table)
 except (KDCoreError, OSError) as exc:
     state.show_error(exc, "The bundled sample cannot be read: ")
     st.stop()
@@ -148,7 +94,7 @@ if not runs:
         st.metric("Teacher accuracy on held-out data", f"{teacher_acc:.1%}",
                   help="How often the teacher is right on the bundled sample's test split.")
     st.subheader("No finished comparison yet")
-    if active or demo_running:
+    if active:
         st.write("The demo comparison is training in the background: 5 strategies × 5 seeds "
                  "on the bundled sample (a minute or two). You can leave this page; the runs "
                  "carry on.")
@@ -160,8 +106,8 @@ if not runs:
         if st.button("Run the demo", type="primary", key="overview_run_demo",
                      icon=":material/play_arrow:"):
             try:
-                start_demo()
-            except OSError as exc:
+                start_demo(store.workspace)
+            except (KDCoreError, OSError) as exc:
                 st.error(f"Could not start the demo ({exc}). Fix: check that the workspace "
                          f"{store.workspace} is writable, or run `kdcore demo` in a terminal.",
                          icon=":material/error:")
@@ -172,7 +118,8 @@ if not runs:
 summary = summarise(runs)
 strategies = summary["strategies"]
 teacher = summary["teacher_test_accuracy"]
-best_name, best = max(strategies.items(), key=lambda item: item[1]["mean"])
+best_name = selection.best_student(runs)
+best = strategies[best_name]
 n_seeds = len(best["seeds"])
 if not is_demo:
     st.caption(f"Showing your own runs on the bundled sample ({len(runs)} runs); "
@@ -185,7 +132,8 @@ m2.metric(f"Best student: {best_name}", f"{best['mean']:.1%}",
           delta=(f"{(best['mean'] - teacher) * 100:+.1f} pts vs teacher"
                  if teacher is not None else None),
           help=f"Mean held-out accuracy over {n_seeds} seeds (± {best['std'] * 100:.1f} pts), "
-               "last epoch.")
+               "last epoch: the bias-aware strategy with the best mean (vanilla KD and ce are "
+               "its baselines), the student the ROI page and the report measure.")
 delta = best["delta_vs_kd"]
 if best_name == BASELINE:
     m3.metric("Gain over vanilla KD", "0.0 pts", help="The best student is vanilla KD itself.")
@@ -200,26 +148,25 @@ else:
 s_params = best.get("student_params")
 t_params = runs[0].metrics.get("teacher_params")
 if s_params and t_params:
-    m4.metric("Student size", f"{t_params / s_params:,.0f}× smaller",
+    m4.metric("Student size (parameters)", f"{t_params / s_params:,.0f}× smaller",
               delta=f"{s_params:,} vs {t_params:,} parameters", delta_color="off",
-              delta_arrow="off", help="Parameters of the student against the teacher's.")
+              delta_arrow="off", help="Parameters of the student against the teacher's; the "
+                                      "ROI page compares bytes on disk.")
 else:
-    m4.metric("Student size", "—")
+    m4.metric("Student size (parameters)", "—")
 
 st.info(summary["verdict"], icon=":material/lightbulb:")
 
 # ---------------------------------------------------------------- before / after per class
-frame = pd.DataFrame({"class": teacher_classes["class"].astype(str),
-                      "teacher": teacher_classes["teacher_accuracy"].to_numpy()})
-shown = [BASELINE] if BASELINE in strategies and best_name != BASELINE else []
-for name in [*shown, best_name]:
-    per_seed = [r.metrics.get("per_class_accuracy") or {} for r in runs if r.strategy == name]
-    frame[f"{name} (mean of {len(per_seed)} seeds)"] = [
-        np.nanmean([float(p.get(c, np.nan)) for p in per_seed]) if per_seed else np.nan
-        for c in frame["class"]]
-st.plotly_chart(charts.per_class_before_after(
-    frame, title="Per-class accuracy on held-out data: teacher (before) vs students (after)"),
-    key="overview_before_after", width="stretch")
+try:
+    frame = before_after(store, runs, shown_students(runs))
+except KDCoreError as exc:
+    state.show_error(exc, "The per-class comparison: ")
+else:
+    st.plotly_chart(figures.per_class_before_after(
+        frame, highlight=best_name, title="Per-class accuracy on held-out data: teacher (before) "
+                                          "vs students (after, mean over seeds)"),
+        key="overview_before_after", width="stretch")
 st.caption("Where the teacher is biased (low grey bars) the students are trained on its "
            "mistakes; a bias-aware student should recover more of those classes than plain KD. "
            "Details per strategy are on the Results page; the teacher's mistakes on the Teacher "

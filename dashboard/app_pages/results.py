@@ -13,11 +13,14 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, state
 from kdcore.errors import KDCoreError
-from kdcore.learning.losses import is_bias_aware, strategy_order
+from kdcore.learning.strategies import strategy_order
+from kdcore.store import selection
 from kdcore.store.runs import STATUSES, Run
-from kdcore.value.compare import BASELINE, comparable_groups, summarise, teacher_per_class
+from kdcore.value import figures
+from kdcore.value.before_after import before_after, shown_students
+from kdcore.value.compare import BASELINE, summarise
+from kdcore_app import state
 
 BEST_EPOCH_NOTE = ("Best-epoch accuracy picks, per run, the epoch that scored highest on the "
                    "test set: it chooses on the test data, so it is optimistic. Compare "
@@ -50,17 +53,17 @@ def epoch_frame(workspace: str, runs: tuple[tuple[str, str, int], ...]) -> pd.Da
 # --------------------------------------------------------------------------- sections
 
 
-def render_headline(summary: dict) -> None:
+def render_headline(summary: dict, best_name: str) -> None:
     entries = summary["strategies"]
     teacher = summary.get("teacher_test_accuracy")
-    best_name = max(entries, key=lambda n: entries[n]["mean"])
     best = entries[best_name]
     cols = st.columns(4)
     cols[0].metric("Teacher test accuracy", "—" if teacher is None else f"{teacher:.1%}")
     cols[1].metric(
         f"Best student: {best_name}", f"{best['mean']:.1%}",
         delta=None if teacher is None else f"{100 * (best['mean'] - teacher):+.1f} pts vs teacher",
-        help=f"Last-epoch test accuracy, mean over {len(best['seeds'])} seeds")
+        help=f"Last-epoch test accuracy, mean over {len(best['seeds'])} seeds: the bias-aware "
+             "strategy with the best mean (vanilla KD and ce are its baselines)")
     if BASELINE in entries:
         kd = entries[BASELINE]
         cols[2].metric("Vanilla KD", f"{kd['mean']:.1%}",
@@ -80,12 +83,13 @@ def render_headline(summary: dict) -> None:
                    "on the **Train** page before trusting them.", icon=":material/warning:")
 
 
-def render_comparison(summary: dict) -> None:
+def render_comparison(summary: dict, best_name: str) -> None:
     st.subheader("Accuracy by strategy")
     left, right = st.columns(2)
-    left.plotly_chart(charts.strategy_accuracy_bars(summary), key="results_accuracy_chart")
+    left.plotly_chart(figures.strategy_accuracy_bars(summary, best_name),
+                      key="results_accuracy_chart")
     if any(e.get("delta_vs_kd") for n, e in summary["strategies"].items() if n != BASELINE):
-        right.plotly_chart(charts.delta_vs_kd_chart(summary), key="results_delta_chart")
+        right.plotly_chart(figures.delta_vs_kd_chart(summary), key="results_delta_chart")
     else:
         right.info("Train **kd** on the same seeds to see each strategy's gain over vanilla KD.",
                    icon=":material/info:")
@@ -133,34 +137,23 @@ def render_comparison(summary: dict) -> None:
     st.caption("Error bars: ± one standard deviation over seeds. " + BEST_EPOCH_NOTE)
 
 
-def default_students(summary: dict) -> list[str]:
-    """kd and the most accurate bias-aware strategy (or the two most accurate strategies)."""
-    entries = summary["strategies"]
-    ranked = sorted(entries, key=lambda n: -entries[n]["mean"])
-    aware = [n for n in ranked if is_bias_aware(n)]
-    chosen = ([BASELINE] if BASELINE in entries else []) + aware[:1]
-    return chosen or ranked[:2]
-
-
-def render_per_class(group: list[Run], summary: dict) -> None:
+def render_per_class(group: list[Run], summary: dict, best_name: str) -> None:
     st.subheader("Per class: before (teacher) and after (students)")
     options = strategy_order(list(summary["strategies"]))
-    chosen = st.multiselect("Students to show", options, default=default_students(summary),
+    chosen = st.multiselect("Students to show", options, default=shown_students(group),
                             key="results_class_strategies")
     try:
-        teacher = teacher_per_class(state.store(), group)
+        frame = before_after(state.store(), group, chosen)
     except KDCoreError as exc:
         state.show_error(exc, prefix="The teacher's per-class accuracy: ")
         return
-    frame = pd.DataFrame({"class": list(teacher), "teacher": list(teacher.values())})
-    frame["teacher"] = frame["teacher"].astype(float)
-    for name in chosen:
-        per_seed = pd.DataFrame([r.metrics.get("per_class_accuracy", {})
-                                 for r in group if r.strategy == name])
-        frame[name] = frame["class"].map(per_seed.mean()).astype(float)
-    st.plotly_chart(charts.per_class_grouped_bars(frame), key="results_class_chart")
+    st.plotly_chart(figures.per_class_before_after(
+        frame, highlight=best_name,
+        title="Per-class test accuracy: teacher (before) vs students (after)"),
+        key="results_class_chart")
     if chosen:
-        st.plotly_chart(charts.per_class_change(frame), key="results_class_change_chart")
+        st.plotly_chart(figures.per_class_change(frame, best_name),
+                        key="results_class_change_chart")
     st.caption("Student accuracy is the mean over seeds, at the last epoch, on the held-out "
                "test split.")
 
@@ -171,13 +164,13 @@ def render_inheritance(summary: dict) -> None:
         st.info("The teacher makes no mistake on the test split, so there is nothing to copy.",
                 icon=":material/info:")
         return
-    st.plotly_chart(charts.bias_inheritance_bars(summary), key="results_inheritance_chart")
+    st.plotly_chart(figures.bias_inheritance_bars(summary), key="results_inheritance_chart")
     st.caption("Of the test samples the teacher gets wrong, the share the student gets wrong "
                "with the same wrong class. **ce** never sees the teacher: its value is how "
                "often a student makes those mistakes on its own.")
 
 
-def render_curves(group: list[Run], summary: dict) -> None:
+def render_curves(group: list[Run], summary: dict, best_name: str) -> None:
     st.subheader("Learning curves")
     left, right = st.columns([3, 1])
     options = strategy_order(list(summary["strategies"]))
@@ -190,8 +183,8 @@ def render_curves(group: list[Run], summary: dict) -> None:
     if epochs.empty or "test_accuracy" not in epochs:
         st.info("No per-epoch metrics for these runs.", icon=":material/info:")
         return
-    st.plotly_chart(charts.learning_curves(epochs, per_seed=mode == "Each seed"),
-                    key="results_curves_chart")
+    st.plotly_chart(figures.learning_curves(epochs, per_seed=mode == "Each seed",
+                                            highlight=best_name), key="results_curves_chart")
 
 
 def render_run_table(runs: list[Run]) -> None:
@@ -260,17 +253,18 @@ if not all_runs:
     st.info(EMPTY, icon=":material/info:")
     st.stop()
 
-finished = [r for r in all_runs if r.status == "done"]
-training = sum(r.status in ("queued", "running") for r in all_runs)
+groups = selection.comparable_groups(all_runs)
+training = len(selection.pending(all_runs))
 if training:
     st.caption(f"{training} run{'s' * (training > 1)} still training (see **Train**); they join "
                "the comparison when done.")
-if not finished:
+if not groups:
     st.info("No run has finished yet. Follow the runs on the **Train** page, or press **Run "
             "the demo** on **Overview** (or run `kdcore demo`).", icon=":material/info:")
 else:
-    groups = comparable_groups(finished)
-    label = st.selectbox("Compare runs trained with", list(groups), key="results_settings",
+    labels = list(groups)
+    label = st.selectbox("Compare runs trained with", labels, key="results_settings",
+                         index=labels.index(selection.headline(groups) or labels[0]),
                          format_func=lambda key: _describe(key, groups[key]),
                          on_change=reset_strategy_choices,
                          help="Runs are compared only with runs of identical settings.")
@@ -280,9 +274,10 @@ else:
     except (KDCoreError, KeyError) as exc:
         state.show_error(exc, prefix="Cannot summarise these runs: ")
         st.stop()
-    render_headline(summary)
-    render_comparison(summary)
-    render_per_class(group, summary)
+    best_name = selection.best_student(group)
+    render_headline(summary, best_name)
+    render_comparison(summary, best_name)
+    render_per_class(group, summary, best_name)
     render_inheritance(summary)
-    render_curves(group, summary)
+    render_curves(group, summary, best_name)
 render_run_table(all_runs)

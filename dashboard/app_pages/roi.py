@@ -10,10 +10,10 @@ import os
 
 import streamlit as st
 
-from dashboard import charts, state
 from kdcore.errors import KDCoreError
-from kdcore.learning.losses import is_bias_aware
-from kdcore.value import roi
+from kdcore.store import selection
+from kdcore.value import figures, roi
+from kdcore_app import state
 
 EMPTY = ("No students were trained yet, so there is nothing to weigh against the teacher. "
          "Go to **Overview** and press **Run the demo**, or run `kdcore demo` in a terminal.")
@@ -40,7 +40,8 @@ bundle_name = (st.selectbox("Bundle", list(choices), key="roi_bundle") if len(ch
                else next(iter(choices)))
 try:
     bundle = state.source_bundle(bundle_name)
-    groups = roi.strategy_runs(store, bundle)
+    groups = selection.comparable_groups(selection.on_bundle(store.list(status="done"),
+                                                             bundle.path))
 except KDCoreError as exc:
     state.show_error(exc, "Cannot read the runs: ")
     st.stop()
@@ -49,17 +50,24 @@ if not groups:
     st.stop()
 
 # ------------------------------------------------------------------ choices
-means = {name: roi.accuracy_spread(group)["accuracy"] for name, group in groups.items()}
-aware = [n for n in groups if is_bias_aware(n)]
-default = max(aware or list(groups), key=means.get)
-names = list(groups)
+labels = list(groups)
+label = selection.headline(groups, bundle.path)
+if len(labels) > 1:
+    label = st.selectbox("Compare runs trained with", labels, index=labels.index(label),
+                         key="roi_settings",
+                         help="The students of one comparison: runs with identical settings.")
+comparison = groups[label]
+strategies = selection.by_strategy(comparison)
+means = {name: selection.mean_accuracy(runs) for name, runs in strategies.items()}
+names = list(strategies)
 left, right = st.columns([2, 1])
 student = left.selectbox(
-    "Student", names, index=names.index(default), key="roi_student",
-    format_func=lambda n: f"{n} — {means[n]:.1%} over {len(groups[n])} seed"
-                          f"{'s' if len(groups[n]) != 1 else ''}",
-    help="Default: the bias-aware strategy with the best mean accuracy. Every strategy trains "
-         "the same student architecture, so size and speed are the same; accuracy differs.")
+    "Student", names, index=names.index(selection.best_student(comparison)), key="roi_student",
+    format_func=lambda n: f"{n} — {means[n]:.1%} over {len(strategies[n])} seed"
+                          f"{'s' if len(strategies[n]) != 1 else ''}",
+    help="Default: the bias-aware strategy with the best mean accuracy (vanilla KD and ce are "
+         "its baselines). Every strategy trains the same student architecture, so size and "
+         "speed are the same; accuracy differs.")
 threads = right.number_input(
     "Torch threads while timing", min_value=1, max_value=max(1, os.cpu_count() or 1), value=1,
     step=1, key="roi_threads",
@@ -76,9 +84,7 @@ utilisation = c3.slider("Utilisation (busy share of billed time)", min_value=5, 
 st.caption(f"Cost model: {roi.COST_MODEL_TEXT}.")
 
 # ------------------------------------------------------------------ measure
-group = groups[student]
-mean = means[student]
-run = min(group, key=lambda r: abs(float(r.metrics["test_accuracy"]) - mean))
+run = selection.closest_to_mean(strategies[student])
 nonce = st.session_state.get("roi_nonce", 0)
 try:
     assumptions = roi.CostAssumptions(requests_per_month=float(requests),
@@ -86,7 +92,7 @@ try:
                                       utilisation=utilisation / 100)
     base = measured(str(store.workspace), str(bundle.path), run.id, int(threads), nonce)
     doc = roi.with_assumptions(base, assumptions)
-    table = roi.strategy_points(store, doc)
+    table = roi.strategy_points(doc, comparison)
 except KDCoreError as exc:
     state.show_error(exc, "Cannot measure: ")
     st.stop()
@@ -94,7 +100,7 @@ except KDCoreError as exc:
 st.subheader("The result")
 st.info(doc["summary"], icon=":material/lightbulb:")
 m1, m2, m3, m4 = st.columns(4)
-m1.metric("Smaller on disk", f"{doc['size_ratio']:,.0f}×",
+m1.metric("Smaller (bytes on disk)", f"{doc['size_ratio']:,.0f}×",
           delta=f"{roi.format_bytes(doc['student']['size_bytes'])} vs "
                 f"{roi.format_bytes(doc['teacher']['size_bytes'])}",
           delta_color="off", delta_arrow="off")
@@ -123,14 +129,15 @@ if st.button("Measure again", icon=":material/refresh:", key="roi_remeasure"):
     st.rerun()
 
 left, right = st.columns(2)
-left.plotly_chart(charts.roi_scatter(table, "size_bytes"), key="roi_size", width="stretch")
-right.plotly_chart(charts.roi_scatter(table, "latency_ms_p50"), key="roi_latency",
+left.plotly_chart(figures.roi_scatter(table, "size_bytes", student), key="roi_size",
+                  width="stretch")
+right.plotly_chart(figures.roi_scatter(table, "latency_ms_p50", student), key="roi_latency",
                    width="stretch")
 st.caption("Every strategy trains the same small architecture, so the students share one "
            "size and one latency: distillation changes what the student knows, not what it "
            "costs to run.")
 
-st.plotly_chart(charts.roi_cost_bars(doc["cost"], doc["strategy"]), key="roi_cost",
+st.plotly_chart(figures.roi_cost_bars(doc["cost"], doc["strategy"]), key="roi_cost",
                 width="stretch")
 a = doc["cost"]["assumptions"]
 st.caption(f"Assumptions: {a['requests_per_month']:,.0f} requests a month, "

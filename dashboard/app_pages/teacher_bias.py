@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import streamlit as st
-import torch
 
-from dashboard import charts, state
-from kdcore.analysis.analyzer import SPLIT_MEANING, assess_table, bundle_features, report, select
-from kdcore.analysis.bias import reliability
+from kdcore.analysis.analyzer import SPLIT_MEANING, assess_table, report, select
+from kdcore.analysis.bias import rectified, reliability, softened
 from kdcore.analysis.label_quality import LABEL_ERROR, TEACHER_BIAS, split_rates
+from kdcore.data.sources import bundle_features
 from kdcore.errors import KDCoreError
-from kdcore.learning.losses import swap_rectify
 from kdcore.store.overrides import load_overrides, set_override
+from kdcore.value import figures
+from kdcore_app import state
 
 ALL = "all"
 SPLIT_LABELS = {"train": "Distillation data (train)", "test": "Held-out data (test)",
@@ -64,17 +64,6 @@ def bundle_images(token: str, split: str | None, _bundle) -> np.ndarray | None:
     splits = [split] if split else _bundle.splits
     x = np.concatenate([_bundle.x(s) for s in splits])
     return x.reshape(len(x), *shape[-2:]) if np.prod(shape) == x[0].size else None
-
-
-def rectified(outputs: np.ndarray, labels: np.ndarray, *, probabilities: bool,
-              temperature: float) -> tuple[np.ndarray, np.ndarray]:
-    """The teacher's distribution and the one after swap rectification, at a temperature."""
-    logits = torch.from_numpy(np.asarray(outputs, dtype=np.float32))
-    if probabilities:
-        logits = torch.log(logits.clamp_min(1e-12))
-    swapped = swap_rectify(logits, torch.from_numpy(np.asarray(labels, dtype=np.int64)))
-    return (torch.softmax(logits / temperature, 1).numpy(),
-            torch.softmax(swapped / temperature, 1).numpy())
 
 
 def clicked(key: str) -> list | None:
@@ -173,7 +162,7 @@ elif lq is not None:
 # ---------------------------------------------------------------- per class and confusion
 c1, c2 = st.columns(2)
 with c1:
-    st.plotly_chart(charts.bias_rate_bars(per_class), key=f"bias_bars_{split_choice}",
+    st.plotly_chart(figures.bias_rate_bars(per_class), key=f"bias_bars_{split_choice}",
                     on_select="rerun", selection_mode=("points",), width="stretch")
     st.caption("Red: share of the class the teacher gets wrong"
                + (" because of its own bias; amber: mistakes that look like label errors "
@@ -195,7 +184,7 @@ with c2:
         le_conf = lq.label_error_confusion()
         confusion = le_conf if kind == LABEL_ERROR else confusion - le_conf
     heatmap.plotly_chart(
-        charts.error_confusion_heatmap(confusion, names, normalise=norm),
+        figures.error_confusion_heatmap(confusion, names, normalise=norm),
         key=f"bias_heatmap_{split_choice}", on_select="rerun", selection_mode=("points",),
         width="stretch")
     st.caption("Rows: true class; columns: what the teacher said. Click a cell to see those "
@@ -254,8 +243,8 @@ else:
     order = picked[np.argsort(-rep.confidence[picked], kind="stable")][:n_show]
     chosen = select(table, split)
     outputs = chosen.outputs[rows[order]]
-    teacher_p, rect_p = rectified(outputs, rep.labels[order],
-                                  probabilities=table.probabilities, temperature=temperature)
+    teacher_p = softened(outputs, probabilities=table.probabilities, temperature=temperature)
+    rect_p = rectified(teacher_p, rep.labels[order])
     images = bundle_images(token, split, bundle) if bundle is not None else None
     ids = chosen.sample_id[rows[order]] if chosen.sample_id is not None else rows[order]
     for start in range(0, n_show, 2):
@@ -266,13 +255,13 @@ else:
                      f"{names[rep.predicted[s]]} ({rep.confidence[s]:.0%} sure)")
             if images is not None:
                 cols[2 * j].plotly_chart(
-                    charts.image_grid(images[rows[s]][None], [""], cell_px=140),
+                    figures.image_grid(images[rows[s]][None], [""], cell_px=140),
                     key=f"bias_img_{i}", width="stretch", config={"staticPlot": True})
                 target = cols[2 * j + 1]
             else:
                 target = cols[j]
             target.plotly_chart(
-                charts.probability_bars(names, teacher_p[i], rect_p[i],
+                figures.probability_bars(names, teacher_p[i], rect_p[i],
                                         true_class=int(rep.labels[s]), title=title),
                 key=f"bias_probs_{i}", width="stretch")
             if checked and rep.wrong[s]:
@@ -302,15 +291,15 @@ if n_wrong:
         "true": "true class", "predicted": "teacher said", "count": "samples",
         "share": st.column_config.ProgressColumn("share of all mistakes", format="percent",
                                                  min_value=0.0, max_value=1.0)})
-    p2.plotly_chart(charts.top_confusions_bar(pairs), key="bias_pairs", width="stretch")
+    p2.plotly_chart(figures.top_confusions_bar(pairs), key="bias_pairs", width="stretch")
 else:
     st.success("The teacher makes no mistakes on these rows: there is no bias to remove here.")
 
 st.subheader("Confidence when right vs when wrong")
 h1, h2 = st.columns(2)
-h1.plotly_chart(charts.confidence_histogram(rep.confidence, rep.wrong), key="bias_conf",
+h1.plotly_chart(figures.confidence_histogram(rep.confidence, rep.wrong), key="bias_conf",
                 width="stretch")
-h2.plotly_chart(charts.reliability_diagram(result["reliability"]), key="bias_reliability",
+h2.plotly_chart(figures.reliability_diagram(result["reliability"]), key="bias_reliability",
                 width="stretch")
 st.caption("A teacher that is confidently wrong passes its mistakes on as strong soft targets; "
            "this is the bias that elimination and rectification are meant to stop.")

@@ -1,34 +1,40 @@
-"""Train: start students as background jobs and watch them live.
+"""Train: queue students as background jobs and watch them live.
 
-Each run is its own ``python -m kdcore.store.jobs RUN_ID`` process
-(``kdcore.store.jobs.start_job``): it keeps going when the tab closes or the app restarts,
-and it writes its progress to the run store, which is all this page reads. So jobs started from
-the CLI show up here too.
+The form is planned by ``compare.plan``; ``jobs.queue_runs`` leaves out runs identical to a
+finished or an in-flight one and queues the rest, which train a few at a time (one per core),
+each in its own detached process (:mod:`kdcore.store.jobs`). Jobs keep going when the tab
+closes or the app restarts, and write their progress to the run store, which is all this page
+reads; so jobs started from the CLI show up here too.
 """
 
 from __future__ import annotations
 
-import os
 import statistics
-from datetime import datetime, timezone
+from datetime import datetime
 
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, state
 from kdcore.data.bundles import Bundle
 from kdcore.errors import KDCoreError
+from kdcore.learning.strategies import CATALOGUE, DEFAULT_STRATEGIES
 from kdcore.learning.train import TrainConfig
-from kdcore.store.jobs import LOG_FILE, cancel_job, start_job
-from kdcore.store.runs import Run, RunStore, config_key
-from kdcore.value.compare import DEFAULT_STRATEGIES
+from kdcore.store.jobs import (
+    LOG_FILE,
+    Work,
+    cancel_job,
+    default_max_jobs,
+    plan_work,
+    queue_runs,
+    start_queued,
+)
+from kdcore.store.runs import Run, RunStore
+from kdcore.value import figures
+from kdcore.value.compare import plan
+from kdcore_app import state
 
-STRATEGIES = (*DEFAULT_STRATEGIES, "kd+be+br+dl+lq", "dkd", "dkd+be", "dkd+be+br", "dkd+be+br+dl",
-              "btkd")
-MANY_AT_ONCE = 10  # warn above this many processes started together
 RECENT = 10  # finished runs listed under the live panel
 REFRESH_S = 2
-SLOW_START_S = 60  # a queued job older than this gets a pointer to its log
 STARTUP_S = 5  # rough cost of starting a job process (Python, torch, the bundle's arrays)
 NORMALISATION_HELP = (
     "How the bias-aware terms are averaged. **batch** (default): each sample weighs 1/batch "
@@ -75,49 +81,30 @@ def prefill_defaults() -> None:
         st.session_state[key] = getattr(defaults, field)
 
 
-def plan(bundle: Bundle) -> list[TrainConfig]:
+def form_plan(bundle: Bundle) -> list[TrainConfig]:
     """One config per (strategy, seed) from the form; raises DataError for a bad strategy."""
     ss = st.session_state
-    return [
-        TrainConfig.for_bundle(
-            bundle, strategy=strategy, seed=seed, epochs=int(ss.train_epochs),
-            temperature=float(ss.train_temperature), lam=float(ss.train_lam),
-            normalisation=ss.train_normalisation)
-        for strategy in ss.train_strategies for seed in range(int(ss.train_seeds))
-    ]
+    return plan(bundle, ss.train_strategies, range(int(ss.train_seeds)),
+                epochs=int(ss.train_epochs), temperature=float(ss.train_temperature),
+                lam=float(ss.train_lam), normalisation=ss.train_normalisation)
 
 
-def pending(store: RunStore, configs: list[TrainConfig]) -> tuple[list[TrainConfig], int, int]:
-    """The configs to start now, how many are training already, and how many are reused.
-
-    A config identical to a queued or running one is never started twice; with reuse on, one
-    identical to a finished run is skipped too (training is deterministic per seed).
-    """
-    training = {r.config_key for r in store.list(status=["queued", "running"])}
-    todo = [c for c in configs if config_key(c.to_dict()) not in training]
-    n_training = len(configs) - len(todo)
-    if st.session_state.train_reuse:
-        todo = [c for c in todo if store.find_done(c.to_dict()) is None]
-    return todo, n_training, len(configs) - n_training - len(todo)
-
-
-def describe_work(configs: list[TrainConfig], todo: list[TrainConfig], n_training: int,
-                  n_reused: int, bundle: Bundle) -> str:
+def describe_work(configs: list[TrainConfig], work: Work, bundle: Bundle) -> str:
     """One line: how many runs, how many to train now, and roughly how long they take."""
     n_strategies = len({c.strategy for c in configs})
     seeds = int(st.session_state.train_seeds)
     epochs = int(st.session_state.train_epochs)
     text = (f"**{len(configs)} run{'s' * (len(configs) != 1)}** ({n_strategies} "
             f"strateg{'ies' if n_strategies != 1 else 'y'} × {seeds} seed{'s' * (seeds != 1)}, "
-            f"{epochs} epochs each): **{len(todo)} to train**")
-    if n_reused:
-        text += f", {n_reused} already finished with identical settings (reused)"
-    if n_training:
-        text += f", {n_training} training right now"
+            f"{epochs} epochs each): **{len(work.todo)} to train**")
+    if work.reused:
+        text += f", {work.reused} already finished with identical settings (reused)"
+    if work.in_flight:
+        text += f", {work.in_flight} queued or training right now"
     rate = seconds_per_epoch(str(state.store().workspace), str(bundle.path))
-    if todo and rate is not None:
-        parallel = min(len(todo), os.cpu_count() or 1)
-        seconds = (rate[0] * epochs + STARTUP_S) * len(todo) / parallel
+    if work.todo and rate is not None:
+        parallel = min(len(work.todo), default_max_jobs())
+        seconds = (rate[0] * epochs + STARTUP_S) * len(work.todo) / parallel
         text += (f". About {_duration(seconds)} on this machine ({parallel} at a time, "
                  f"timed from {rate[1]} earlier runs)")
     return text + "."
@@ -129,19 +116,15 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
-def start(todo: list[TrainConfig]) -> None:
-    """Start button handler: one detached process per run; the outcome is shown on rerun."""
-    workspace = state.store().workspace
-    started: list[str] = []
-    for config in todo:
-        try:
-            started.append(start_job(config, workspace=workspace))
-        except (KDCoreError, OSError) as exc:
-            st.session_state["train_start_error"] = (
-                f"Could not start {config.strategy} seed {config.seed}: {exc}")
-            break
-    if started:
-        st.session_state["train_started"] = len(started)
+def start(configs: list[TrainConfig]) -> None:
+    """Start button handler: queue the new runs; the outcome is shown on rerun."""
+    try:
+        queued = queue_runs(configs, workspace=state.store().workspace,
+                            reuse=st.session_state.train_reuse)
+    except (KDCoreError, OSError) as exc:
+        st.session_state["train_start_error"] = f"Could not queue the runs: {exc}"
+        return
+    st.session_state["train_started"] = len(queued)
 
 
 def render_start_outcome() -> None:
@@ -150,8 +133,9 @@ def render_start_outcome() -> None:
         st.error(error, icon=":material/error:")
     started = st.session_state.pop("train_started", 0)
     if started:
-        st.success(f"Started {started} run{'s' * (started > 1)}. They keep running if you close "
-                   "this tab; follow them below and compare them on **Results**.",
+        st.success(f"Queued {started} run{'s' * (started > 1)}; {default_max_jobs()} train at "
+                   "once, one per CPU core, the rest wait their turn. They keep running if you "
+                   "close this tab; follow them below and compare them on **Results**.",
                    icon=":material/rocket_launch:")
 
 
@@ -177,7 +161,7 @@ def render_form() -> None:
     st.session_state.setdefault("train_strategies", list(DEFAULT_STRATEGIES))
     st.session_state.setdefault("train_seeds", 3)
     st.multiselect(
-        "Strategies", list(STRATEGIES), key="train_strategies", accept_new_options=True,
+        "Strategies", list(CATALOGUE), key="train_strategies", accept_new_options=True,
         help="ce: labels only. kd: vanilla distillation. +be drops the teacher's wrong samples, "
              "+br corrects them (swaps the wrong and the true class), +dl moves from the first "
              "to the second over training. btkd is the paper's exact recipe. You can type "
@@ -200,27 +184,22 @@ def render_form() -> None:
         st.warning("Pick at least one strategy.", icon=":material/warning:")
         return
     try:
-        configs = plan(bundle)
+        configs = form_plan(bundle)
+        work = plan_work(state.store(), configs, reuse=st.session_state.train_reuse)
     except KDCoreError as exc:
         state.show_error(exc)
         return
-    todo, n_training, n_reused = pending(state.store(), configs)
-    st.markdown(describe_work(configs, todo, n_training, n_reused, bundle))
-    if len(todo) > MANY_AT_ONCE:
-        st.warning(
-            f"{len(todo)} training processes will start at once on {os.cpu_count()} CPU cores: "
-            "each run then takes longer and uses memory. Fewer seeds or strategies per batch "
-            "keep the machine responsive.", icon=":material/warning:")
-    if not todo and not st.session_state.get("train_started"):
+    st.markdown(describe_work(configs, work, bundle))
+    if not work.todo and not st.session_state.get("train_started"):
         st.info("Nothing new to train: every run above has finished (see **Results**) or is "
-                "training now. Change the settings, or untick reuse to train them again.",
-                icon=":material/info:")
-    st.button("Start training", key="train_start", type="primary", disabled=not todo,
-              icon=":material/play_arrow:", on_click=start, args=(todo,))
+                "queued or training now. Change the settings, or untick reuse to train them "
+                "again.", icon=":material/info:")
+    st.button("Start training", key="train_start", type="primary", disabled=not work.todo,
+              icon=":material/play_arrow:", on_click=start, args=(configs,))
     render_start_outcome()
 
 
-def render_job(run: Run, epochs: pd.DataFrame, store: RunStore) -> None:
+def render_job(run: Run, epochs: pd.DataFrame) -> None:
     """One job on one line: what it is, its progress, its latest numbers and Cancel. The same
     elements every refresh, so the Cancel button stays put while the panel updates."""
     with st.container(border=True, key=f"train_job_{run.id}"):
@@ -228,12 +207,7 @@ def render_job(run: Run, epochs: pd.DataFrame, store: RunStore) -> None:
         name.markdown(f"**{run.strategy}** · seed {run.seed}  \n`{run.id}`")
         fraction = run.fraction or 0.0
         if run.status == "queued":
-            waited = (datetime.now(timezone.utc)
-                      - datetime.fromisoformat(run.created_at)).total_seconds()
-            progress.progress(0.0, text="queued: waiting for its process to start"
-                              + (f" ({waited:.0f} s; if it never starts, read "
-                                 f"{store.runs_dir / run.id / LOG_FILE})"
-                                 if waited > SLOW_START_S else ""))
+            progress.progress(0.0, text="queued: starts when a running job ends")
         else:
             total = int(run.config.get("epochs") or 0)
             current = min(int(epochs["epoch"].iloc[-1]) + 2, total) if len(epochs) else 1
@@ -297,9 +271,12 @@ def render_jobs() -> None:
     if error:
         st.error(error, icon=":material/error:")
     try:
+        start_queued(store.workspace)  # the queue goes on even if a job died before its turn
         active = store.list(status=["queued", "running"])
-        active.reverse()  # oldest first: the order they were started
-        st.subheader(f"Running now ({len(active)})")
+        active.reverse()  # oldest first: the order they start in
+        queued = sum(run.status == "queued" for run in active)
+        st.subheader(f"Running now ({len(active) - queued})"
+                     + (f" · {queued} queued" if queued else ""))
         if not active:
             st.caption("No job is running. Jobs started here or with `kdcore train` show up "
                        "here, and keep running when you close the tab.")
@@ -307,17 +284,17 @@ def render_jobs() -> None:
         curves = [frame.assign(job=f"{run.strategy} · seed {run.seed}")
                   for run in active if len(frame := epochs[run.id])]
         if curves:
-            st.plotly_chart(charts.job_curves(pd.concat(curves, ignore_index=True)),
+            st.plotly_chart(figures.job_curves(pd.concat(curves, ignore_index=True)),
                             key="train_live_curves")
         for run in active:
-            render_job(run, epochs[run.id], store)
+            render_job(run, epochs[run.id])
         render_recent(store)
-    except KDCoreError as exc:
+    except (KDCoreError, OSError) as exc:
         state.show_error(exc)
 
 
 st.title("Train students")
-st.caption("Each run trains in its own background process and writes to the run store "
-           f"({state.store().workspace}).")
+st.caption(f"Each run trains in its own background process, {default_max_jobs()} at a time, "
+           f"and writes to the run store ({state.store().workspace}).")
 render_form()
 render_jobs()

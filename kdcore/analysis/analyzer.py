@@ -1,9 +1,11 @@
 """Teacher-bias analysis of any source: a dataset bundle or a prediction table, split by split.
 
-Both kinds of input become one ``PredictionTable`` so the CLI, the dashboard and the report
-analyse them the same way. A large Parquet table is streamed instead (:func:`analyze_stream`):
-chunk by chunk into one :class:`~kdcore.analysis.bias.BiasAccumulator` per split, so at most
-one chunk of outputs is in memory, and the document is the same as :func:`analyze` gives.
+Both kinds of input become one ``PredictionTable`` (:mod:`kdcore.data.sources`) so the CLI,
+the dashboard and the report analyse them the same way. The user's label overrides are passed
+in (the CLI and the dashboard read them from the workspace); nothing here touches the store.
+A large Parquet table is streamed instead (:func:`analyze_stream`): chunk by chunk into one
+:class:`~kdcore.analysis.bias.BiasAccumulator` per split, so at most one chunk of outputs is in
+memory, and the document is the same as :func:`analyze` gives.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from kdcore.analysis.bias import BiasAccumulator, BiasReport, decompose, predicted_distribution
-from kdcore.analysis.label_quality import LabelQuality, assess, concat
-from kdcore.data.bundles import Bundle, is_bundle, load_bundle
+from kdcore.analysis.label_quality import LabelQuality, assess, concat, sample_keys
+from kdcore.data.bundles import is_bundle, load_bundle
+from kdcore.data.sources import bundle_features, bundle_table, load_predictions
 from kdcore.data.tables import (
     DEFAULT_MAX_BYTES,
     LOGIT_PREFIX,
@@ -24,10 +27,8 @@ from kdcore.data.tables import (
     SPLITS,
     PredictionTable,
     iter_parquet_chunks,
-    read_prediction_table,
 )
 from kdcore.errors import DataError
-from kdcore.store.overrides import load_overrides, sample_keys
 
 # Parquet tables with more rows than this (by the file's metadata) are streamed.
 STREAM_ROWS = 2_000_000
@@ -39,37 +40,6 @@ SPLIT_MEANING = {
     "unlabelled": "transfer data (teacher outputs only): distilled with plain KD",
     "test": "held-out data: how the teacher does on new samples",
 }
-
-
-def bundle_table(bundle: Bundle) -> PredictionTable:
-    """All splits of a bundle as one prediction table (unlabelled rows have label -1)."""
-    splits = bundle.splits
-    labels = [bundle.y(s) if bundle.y(s) is not None else np.full(len(bundle.x(s)), -1)
-              for s in splits]
-    return PredictionTable(
-        source=bundle.name,
-        class_names=bundle.class_names,
-        outputs=np.concatenate([bundle.teacher_logits(s) for s in splits]).astype(np.float32),
-        kind="logits",
-        labels=np.concatenate(labels).astype(np.int64),
-        split=np.concatenate([np.full(len(bundle.x(s)), s, dtype=object) for s in splits]),
-        sample_id=None,
-        extra=None,
-    )
-
-
-def load_predictions(path: str | Path | None = None) -> PredictionTable:
-    """A bundle folder (default: the bundled sample) or a CSV/Parquet prediction table."""
-    if path is None or is_bundle(path):
-        return bundle_table(load_bundle(path))
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file or folder; pass a bundle folder or a "
-                        "CSV/Parquet table")
-    if path.is_dir():
-        raise DataError(f"{path}: a folder without manifest.json; pass a bundle folder or a "
-                        "CSV/Parquet table")
-    return read_prediction_table(path)
 
 
 def select(table: PredictionTable, split: str | None) -> PredictionTable:
@@ -103,11 +73,6 @@ def split_summary(table: PredictionTable) -> dict:
         "labelled": False,
         "predicted_distribution": dist.to_dict(orient="records"),
     }
-
-
-def bundle_features(bundle: Bundle) -> np.ndarray:
-    """The bundle's inputs, flattened, in the row order of :func:`bundle_table`."""
-    return np.concatenate([bundle.x(s).reshape(len(bundle.x(s)), -1) for s in bundle.splits])
 
 
 def label_quality_by_split(table: PredictionTable, *, features: np.ndarray | None = None,
@@ -252,11 +217,12 @@ def should_stream(path: str | Path | None, stream: bool | None = None) -> bool:
 
 
 def analyze_path(path: str | Path | None = None, *, split: str | None = None, top: int = 10,
-                 stream: bool | None = None, workspace: str | Path | None = None) -> dict:
+                 stream: bool | None = None, overrides: dict[str, str] | None = None) -> dict:
     """``kdcore analyze``: a bundle or table in memory, or a large Parquet table streamed.
 
     In memory, the document has ``likely_label_errors`` (label errors vs teacher bias, with the
-    workspace's overrides); a streamed table does not (it needs a split's rows at once).
+    user's ``overrides`` of the source, by sample key: the CLI loads them from the workspace);
+    a streamed table does not (it needs a split's rows at once).
     """
     if should_stream(path, stream):
         return analyze_stream(path, split=split, top=top)
@@ -266,7 +232,6 @@ def analyze_path(path: str | Path | None = None, *, split: str | None = None, to
         table, features = bundle_table(bundle), bundle_features(bundle)
     else:
         table = load_predictions(path)
-    overrides = load_overrides(workspace, table.source)
     return analyze(table, split=split, top=top, label_quality=True, features=features,
                    overrides=overrides)
 

@@ -1,4 +1,4 @@
-"""Teacher-bias decomposition: where a teacher model is wrong, and how sure it was (METHOD.md 1).
+"""Teacher-bias decomposition: where a teacher is wrong, and how sure it was (docs/method.md).
 
 A sample is *right* when the teacher's argmax equals its label and *wrong* otherwise; the wrong
 samples are the teacher's bias. From ``(labels, teacher_outputs)`` this module computes, with
@@ -10,10 +10,12 @@ numpy only:
 * :class:`BiasAccumulator` -- the same aggregate numbers for data that arrives in chunks.
 * :func:`reliability` -- a reliability-diagram table (confidence against accuracy, by bin).
 * :func:`predicted_distribution` -- what the teacher predicts on an unlabelled split.
+* :func:`softened` and :func:`rectified` -- the teacher's distribution at a temperature, and
+  the one a bias-aware student is taught instead (swap rectification).
 
 ``teacher_outputs`` is an ``(N, K)`` array of logits (default) or of probabilities
 (``probabilities=True``). It is read in place, in chunks of rows: no full-size copy is made.
-Temperature plays no part here.
+Temperature plays no part in the decomposition.
 """
 
 from __future__ import annotations
@@ -36,7 +38,10 @@ __all__ = [
     "BiasReport",
     "decompose",
     "predicted_distribution",
+    "rectified",
     "reliability",
+    "softened",
+    "softmax",
 ]
 
 # Rows are processed in blocks of about this many values (2 MiB of float32): large enough
@@ -51,6 +56,8 @@ _SAFE_EXP = 60.0
 _LOG2_E = math.log2(math.e)
 # Probabilities from a float32 softmax can exceed 1 by rounding.
 _PROBABILITY_SLACK = 1e-4
+# log(p) stands in for the logits of probabilities; p = 0 is clipped here.
+_MIN_PROBABILITY = 1e-12
 
 
 @dataclass(frozen=True, eq=False)
@@ -326,6 +333,46 @@ def predicted_distribution(
     names = _class_names(class_names, k)
     count = np.bincount(_scan(outputs, probabilities=probabilities).pred, minlength=k)
     return pd.DataFrame({"class": names, "count": count, "share": count / n})
+
+
+def softmax(outputs: np.ndarray, probabilities: bool = False) -> np.ndarray:
+    """Row-normalised probabilities of logits (or of given probabilities), float64."""
+    z = np.array(outputs, dtype=np.float64)  # one copy, worked on in place
+    if probabilities:
+        np.clip(z, 0.0, None, out=z)
+        z /= np.clip(z.sum(1, keepdims=True), 1e-12, None)
+        return z
+    z -= z.max(1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(1, keepdims=True)
+    return z
+
+
+def softened(outputs: Any, *, probabilities: bool = False, temperature: float = 1.0
+             ) -> np.ndarray:
+    """The teacher's distribution at a temperature, ``softmax(z / T)``, as a student sees it in
+    distillation. Probabilities ``p`` are read as the logits ``log p`` (``p`` below
+    ``_MIN_PROBABILITY`` as that, as for a tabular teacher's)."""
+    z = np.asarray(outputs, dtype=np.float64)
+    if probabilities:
+        z = np.log(np.maximum(z, _MIN_PROBABILITY))
+    return softmax(z / temperature)
+
+
+def rectified(probs: Any, labels: Any) -> np.ndarray:
+    """Swap rectification (docs/method.md 3) of probabilities: in each row the teacher's top class
+    and the true class trade probabilities, every other class keeps its own.
+
+    A permutation commutes with softmax, so ``rectified(softened(z, temperature=T), y)`` is the
+    target that ``+br`` distils, ``softmax(swap_rectify(z, y) / T)``, without torch. Rows the
+    teacher gets right are unchanged.
+    """
+    p = np.array(probs, dtype=np.float64)
+    rows = np.arange(len(p))
+    labels = np.asarray(labels, dtype=np.int64)
+    top = p.argmax(axis=1)
+    p[rows, labels], p[rows, top] = p[rows, top], p[rows, labels]
+    return p
 
 
 def _as_outputs(teacher_outputs: Any) -> np.ndarray:

@@ -27,10 +27,11 @@ must come from a model that did not see row i's label. Where they come from:
 
 A row is a *likely label error* only when it is teacher-wrong, cleanlab flags its label, and
 the out-of-sample model's top class is the teacher's top class (the claim "the teacher is
-right here" needs that agreement). Users can override a verdict per sample
-(:mod:`kdcore.store.overrides`); overrides win.
+right here" needs that agreement). Users can override a verdict per sample, by its key
+(:func:`sample_keys`); the caller passes the overrides in (they are stored in the workspace),
+and they win.
 
-Pure numpy/pandas + scikit-learn + cleanlab; no torch, no streamlit.
+Pure numpy/pandas + scikit-learn + cleanlab; no torch, no store, no streamlit.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+
+from kdcore.analysis.bias import softmax
 
 TEACHER_BIAS = "teacher_bias"
 LABEL_ERROR = "label_error"
@@ -64,19 +67,6 @@ NOTE_TEXT = {
 NO_HELD_OUT = ("no held-out predictions: the teacher may have been trained on these rows and "
                "the input has no features to cross-validate; give a bundle (inputs) or the "
                "teacher's outputs on held-out rows (split = test)")
-
-
-def softmax(outputs: np.ndarray, probabilities: bool = False) -> np.ndarray:
-    """Row-normalised probabilities of logits (or of given probabilities)."""
-    z = np.array(outputs, dtype=np.float64)  # one copy, worked on in place
-    if probabilities:
-        np.clip(z, 0.0, None, out=z)
-        z /= np.clip(z.sum(1, keepdims=True), 1e-12, None)
-        return z
-    z -= z.max(1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(1, keepdims=True)
-    return z
 
 
 @dataclass
@@ -181,6 +171,16 @@ class LabelQuality:
                               else np.full(len(self.labels), np.nan)),
             "overridden": self.overridden,
         })
+
+
+def sample_keys(n: int, split: str | None, sample_id: np.ndarray | None = None) -> np.ndarray:
+    """The override keys of ``n`` rows of one split, in row order: the rows' ``sample_id``
+    when the data has one, else ``<split>:<row within the split>`` (``row:<i>`` without a
+    split)."""
+    if sample_id is not None:
+        return np.asarray([str(s) for s in sample_id], dtype=object)
+    prefix = split if split else "row"
+    return np.asarray([f"{prefix}:{i}" for i in range(n)], dtype=object)
 
 
 def unavailable(labels: np.ndarray, teacher_pred: np.ndarray, reason: str, *,

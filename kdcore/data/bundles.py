@@ -17,15 +17,13 @@ import json
 import zipfile
 from dataclasses import dataclass, field
 from functools import cached_property
+from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from kdcore.data.dataset import Dataset
 from kdcore.errors import DataError
-
-if TYPE_CHECKING:
-    import torch
 
 SAMPLE_NAME = "digits_vendor"
 SPLITS = ("train", "unlabelled", "test")
@@ -33,13 +31,15 @@ REQUIRED_KEYS = ("name", "class_names", "input_shape", "data", "teacher", "stude
 
 
 def sample_bundle_path() -> Path:
-    """The bundled sample, shipped in the repository's sample_data/ folder."""
-    return Path(__file__).resolve().parents[2] / "sample_data" / SAMPLE_NAME
+    """The bundled sample: package data of kdcore.sample_data (the repository's sample_data/),
+    so a wheel and an editable install find it alike."""
+    return Path(str(resources.files("kdcore.sample_data") / SAMPLE_NAME))
 
 
 @dataclass
 class Bundle:
-    """A loaded dataset bundle. Arrays are read once, on first use."""
+    """A loaded dataset bundle (a :class:`~kdcore.data.dataset.Dataset`). Arrays are read once,
+    on first use."""
 
     path: Path
     manifest: dict = field(repr=False)
@@ -69,8 +69,17 @@ class Bundle:
         return dict(self.manifest["teacher"]["architecture"])
 
     @property
+    def teacher_weights(self) -> Path:
+        return self.member(self.manifest["teacher"]["weights"])
+
+    @property
     def student_spec(self) -> dict:
         return dict(self.manifest["student"]["architecture"])
+
+    @property
+    def data_options(self) -> dict:
+        """Empty: a bundle folder loads without options."""
+        return {}
 
     @cached_property
     def arrays(self) -> dict[str, np.ndarray]:
@@ -98,6 +107,11 @@ class Bundle:
     def teacher_logits(self, split: str) -> np.ndarray:
         return self.arrays[f"teacher_logits_{split}"]
 
+    def sample_ids(self, split: str) -> None:
+        """None: a bundle's rows are named by split and position (see analysis.label_quality's
+        sample_keys)."""
+        return None
+
     def analysis_labels(self) -> dict[str, np.ndarray]:
         """True labels kept for analysis only (never used to train), if the bundle has them."""
         name = self.manifest.get("analysis_only_labels")
@@ -105,22 +119,6 @@ class Bundle:
             return {}
         with np.load(self.member(name), allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
-
-    def load_teacher(self) -> torch.nn.Module:
-        """The teacher in eval mode, weights loaded without unpickling code."""
-        weights = self.member(self.manifest["teacher"]["weights"])
-        import torch  # here, not at the top: analysing a bundle needs no torch (1.5 s to import)
-
-        from kdcore.learning.models import build_model
-
-        model = build_model(self.teacher_spec)
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-            model.load_state_dict(state)
-        except (OSError, RuntimeError, KeyError) as exc:
-            raise DataError(
-                f"{weights}: cannot load teacher weights ({exc}); rebuild the bundle") from None
-        return model.eval()
 
     def member(self, name: object) -> Path:
         """A file the manifest names, which must lie inside the bundle folder."""
@@ -198,7 +196,7 @@ _TABULAR_OPTIONS = ("label_column", "teacher_logits", "split_column", "test_size
                     "hidden")
 
 
-def load_dataset(path: str | Path | None = None, **data_options):
+def load_dataset(path: str | Path | None = None, **data_options) -> Dataset:
     """The training data behind a path: a bundle folder, or a CSV/Parquet tabular file.
 
     ``data_options`` are the tabular options (``label_column`` (default ``label``),

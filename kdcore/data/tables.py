@@ -1,6 +1,6 @@
 """Prediction tables: load a CSV or Parquet file of teacher outputs and validate it strictly.
 
-The contract (see DESIGN.md, "Data contracts / Prediction table"): one row per sample with
+The contract (see docs/design.md, "Data contracts"): one row per sample with
 
 * ``label``: a class index (0..K-1) or a class name; it may be empty only on rows whose
   ``split`` is ``unlabelled``;
@@ -26,10 +26,10 @@ import csv
 import io
 import os
 import re
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import BinaryIO, Literal, Protocol, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -41,9 +41,17 @@ from kdcore.errors import DataError
 
 __all__ = [
     "SPLITS",
+    "FileColumns",
     "PredictionTable",
+    "check_unique_columns",
+    "data_error",
+    "display_name",
+    "is_index_column",
     "iter_parquet_chunks",
+    "numeric_or_fail",
+    "read_frame",
     "read_prediction_table",
+    "show_value",
     "validate_frame",
 ]
 
@@ -56,6 +64,7 @@ _TRANSPOSE_TILE_VALUES = 1 << 18
 DEFAULT_MAX_BYTES = 200 * 1024**2
 
 _RESERVED = ("label", "split", "sample_id")
+_INDEX_NAMES = ("index", "__index_level_0__")
 _PARQUET_MAGIC = b"PAR1"
 _UTF8_BOM = b"\xef\xbb\xbf"
 _INT_RE = re.compile(r"[+-]?\d+")
@@ -119,13 +128,13 @@ class PredictionTable:
     def subset(self, split: str) -> PredictionTable:
         """The rows of one split (possibly none) as a new table."""
         if split not in SPLITS:
-            raise _err(
+            raise data_error(
                 self.source,
-                f"unknown split {_show(split)}",
+                f"unknown split {show_value(split)}",
                 f"ask for one of {', '.join(SPLITS)}.",
             )
         if self.split is None:
-            raise _err(
+            raise data_error(
                 self.source,
                 f"there is no split column, so there is no {split!r} subset",
                 "add a split column with train, unlabelled or test on every row.",
@@ -160,64 +169,33 @@ def read_prediction_table(
     used as a path. Parquet is recognised by its magic bytes, anything else is read as UTF-8
     CSV. Raises :class:`DataError` for every problem in the input.
     """
-    display = _display_name(source, name)
-    extra_columns = frozenset(extra_columns)
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        size = _file_size(path, display)
-        _check_size(size, max_bytes, display)
-        if size == 0:
-            raise _empty(display)
-        head = _read_head(path, display)
-        if head == _PARQUET_MAGIC:
-            df, layout = _parquet_frame(str(path), display, extra_columns)
-            return _build(df, layout, _Context(display))
-        data = _read_path(path, display)
-    elif isinstance(source, (bytes, bytearray, memoryview)):
-        data = bytes(source)
-        _check_size(len(data), max_bytes, display)
-    elif hasattr(source, "read"):
-        try:
-            data = source.read(max_bytes + 1)
-        except Exception as exc:  # a broken upload stream is still the user's input
-            raise _err(display, f"could not be read ({_detail(exc)})", "upload it again.") from None
-        if isinstance(data, str):
-            data = data.encode("utf-8")
-        if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise TypeError("read_prediction_table needs a binary file object")
-        data = bytes(data)
-        if len(data) > max_bytes:
-            raise _err(
-                display,
-                f"the file is larger than the {_size(max_bytes)} limit",
-                "split it into smaller files, or stream a Parquet file with iter_parquet_chunks.",
-            )
-    else:
-        raise TypeError(f"read_prediction_table cannot read a {type(source).__name__}")
-
-    if not data or (len(data) <= 1 << 20 and not data.strip()):
-        raise _empty(display)
-    if data[:4] == _PARQUET_MAGIC:
-        df, layout = _parquet_frame(pa.BufferReader(data), display, extra_columns)
-    else:
-        df, layout = _csv_frame(data, display, extra_columns)
-    del data
+    display = display_name(source, name)
+    extra = frozenset(extra_columns)
+    df, layout = read_frame(
+        source, display, lambda names: _plan_columns(names, display, extra), max_bytes=max_bytes
+    )
     return _build(df, layout, _Context(display))
 
 
 def validate_frame(
-    df: pd.DataFrame, *, source: str, extra_columns: Collection[str] = ()
+    df: pd.DataFrame,
+    *,
+    source: str,
+    extra_columns: Collection[str] = (),
+    column_names: Mapping[str, str] | None = None,
 ) -> PredictionTable:
     """Validate an in-memory DataFrame against the prediction-table contract.
 
     ``source`` is the name used in messages. Rows are numbered by position (data row 1 is the
-    first row), whatever the DataFrame's index.
+    first row), whatever the DataFrame's index. ``column_names`` is what messages call the
+    contract's columns when the user's file names them otherwise (a tabular file's label
+    column, e.g. ``{"label": "y"}``); the frame itself uses the contract's names.
     """
     if not isinstance(df, pd.DataFrame):
         raise TypeError("validate_frame needs a pandas DataFrame")
     display = _one_line(str(source)) or "table"
     layout = _plan_columns(list(df.columns), display, frozenset(extra_columns))
-    return _build(df, layout, _Context(display))
+    return _build(df, layout, _Context(display, names=dict(column_names or {})))
 
 
 def iter_parquet_chunks(
@@ -236,12 +214,12 @@ def iter_parquet_chunks(
     """
     if batch_rows < 1:
         raise ValueError("batch_rows must be at least 1")
-    display = _display_name(path, name)
+    display = display_name(path, name)
     p = Path(path)
     if _file_size(p, display) == 0:
         raise _empty(display)
     if _read_head(p, display) != _PARQUET_MAGIC:
-        raise _err(
+        raise data_error(
             display,
             "is not a Parquet file",
             "stream only Parquet files; read CSV files with read_prediction_table.",
@@ -264,6 +242,126 @@ def iter_parquet_chunks(
 
 
 # --------------------------------------------------------------------------------------------
+# Shared readers and checks (kdcore.data.tabular reads its files with these too)
+
+
+class FileColumns(Protocol):
+    """A file's column names, checked by the caller of :func:`read_frame`."""
+
+    def to_read(self) -> list[str] | None:
+        """The columns to read, in order; None reads every column."""
+
+    def csv_types(self, *, as_text: bool) -> dict[str, pa.DataType]:
+        """Types of CSV columns (the others are inferred). ``as_text`` is the second try after
+        a cell did not convert: numeric columns as text, so the checks can name that cell."""
+
+
+_C = TypeVar("_C", bound=FileColumns)
+
+
+def read_frame(
+    source: str | Path | bytes | BinaryIO,
+    display: str,
+    plan: Callable[[list[object]], _C],
+    *,
+    max_bytes: int | None = None,
+) -> tuple[pd.DataFrame, _C]:
+    """A CSV or Parquet file (a path, raw bytes or a binary file object) as a DataFrame.
+
+    ``plan`` checks the column names (raising DataError) before any row is read and says what
+    to read. Parquet is recognised by its magic bytes, anything else is read as UTF-8 CSV
+    (comma-separated, one header row); nothing is unpickled. Every problem of the file is a
+    DataError naming ``display``; ``max_bytes`` (None: no limit) caps the size.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        size = _file_size(path, display)
+        _check_size(size, max_bytes, display)
+        if size == 0:
+            raise _empty(display)
+        if _read_head(path, display) == _PARQUET_MAGIC:
+            return _parquet_frame(str(path), display, plan)
+        data = _read_path(path, display)
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        _check_size(len(data), max_bytes, display)
+    elif hasattr(source, "read"):
+        data = _read_stream(source, display, max_bytes)
+    else:
+        raise TypeError(f"read_frame cannot read a {type(source).__name__}")
+
+    if not data or (len(data) <= 1 << 20 and not data.strip()):
+        raise _empty(display)
+    if data[:4] == _PARQUET_MAGIC:
+        return _parquet_frame(pa.BufferReader(data), display, plan)
+    return _csv_frame(data, display, plan)
+
+
+def check_unique_columns(names: Sequence[object], source: str) -> None:
+    """Raise a DataError naming the first column name that appears twice."""
+    seen: set[object] = set()
+    for col in names:
+        if col in seen:
+            raise data_error(
+                source,
+                "the column name appears more than once",
+                "give every column a unique name.",
+                column=col,
+            )
+        seen.add(col)
+
+
+def is_index_column(col: object) -> bool:
+    """Whether a column name looks like a row index that pandas saved (index=True)."""
+    low = str(col).strip().lower()
+    return low == "" or low.startswith("unnamed:") or low in _INDEX_NAMES
+
+
+def numeric_or_fail(
+    ser: pd.Series, column: object, source: str, fix: str, *, offset: int = 0
+) -> np.ndarray:
+    """A column that is not typed as numbers, as float64 (empty cells NaN), or a DataError
+    naming its first cell that is not a number, with ``fix``. ``offset``: rows before ``ser``
+    (chunked reads)."""
+    dtype = ser.dtype
+    if (
+        pd.api.types.is_bool_dtype(dtype)
+        or pd.api.types.is_datetime64_any_dtype(dtype)
+        or pd.api.types.is_timedelta64_dtype(dtype)
+        or pd.api.types.is_complex_dtype(dtype)
+    ):
+        present = ~_mask(ser.isna().reset_index(drop=True))
+        if present.any():
+            i = _first(present)
+            _raise_not_number(ser.iloc[i], column, source, fix, offset + i + 1)
+        return np.full(len(ser), np.nan)
+
+    text = _as_text(ser, strip=True)
+    try:
+        values = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    except Exception:
+        values = np.full(len(text), np.nan)
+    suspects = np.flatnonzero(np.isnan(values) & ~_mask(text.isna() | (text == ""), na=True))
+    for i in suspects:
+        value = text.iloc[i]
+        try:
+            values[i] = float(value)  # "nan", "1_000", huge integers and the like
+        except (TypeError, ValueError, OverflowError):
+            _raise_not_number(value, column, source, fix, offset + int(i) + 1)
+    return values
+
+
+def _raise_not_number(value: object, column: object, source: str, fix: str, row: int) -> None:
+    raise data_error(
+        source,
+        f"the value {show_value(value if isinstance(value, str) else str(value))} is not a number",
+        fix,
+        column=column,
+        row=row,
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # Messages
 
 
@@ -271,7 +369,7 @@ def _one_line(text: str) -> str:
     return _CONTROL_RE.sub(" ", text).strip()
 
 
-def _show(value: object, limit: int = 60) -> str:
+def show_value(value: object, limit: int = 60) -> str:
     """A short, one-line, quoted rendering of a user's value."""
     text = repr(value)
     if len(text) > limit:
@@ -288,7 +386,7 @@ def _size(n: int) -> str:
     return f"{n / 1024**2:.1f} MB" if n >= 1024**2 else f"{n} bytes"
 
 
-def _err(
+def data_error(
     source: str,
     problem: str,
     fix: str,
@@ -298,14 +396,14 @@ def _err(
 ) -> DataError:
     where = source
     if column is not None:
-        where += f", column {_show(column)}"
+        where += f", column {show_value(column)}"
     if row is not None:
         where += f", data row {row}"
     return DataError(_one_line(f"{where}: {problem}. Fix: {fix}"))
 
 
 def _empty(source: str) -> DataError:
-    return _err(
+    return data_error(
         source,
         "the file is empty",
         "upload a CSV or Parquet file with a header row (label, logit_<class>...) and one row "
@@ -314,7 +412,7 @@ def _empty(source: str) -> DataError:
 
 
 def _no_rows(source: str) -> DataError:
-    return _err(
+    return data_error(
         source,
         "the table has a header but no data rows",
         "add one row per sample.",
@@ -322,7 +420,7 @@ def _no_rows(source: str) -> DataError:
 
 
 def _unreadable_parquet(source: str, exc: BaseException) -> DataError:
-    return _err(
+    return data_error(
         source,
         f"starts like a Parquet file but cannot be read ({_detail(exc)})",
         "export it again with pandas.DataFrame.to_parquet or pyarrow, or upload a CSV.",
@@ -334,7 +432,7 @@ def _class_list(class_names: Sequence[str], limit: int = 10) -> str:
     return shown + (", …" if len(class_names) > limit else "")
 
 
-def _display_name(source: object, name: str | None) -> str:
+def display_name(source: object, name: str | None) -> str:
     """A file name for messages: the base name only, never a full path."""
     if name is None:
         if isinstance(source, (str, os.PathLike)):
@@ -357,18 +455,20 @@ def _display_name(source: object, name: str | None) -> str:
 def _file_size(path: Path, display: str) -> int:
     try:
         if path.is_dir():
-            raise _err(
+            raise data_error(
                 display, "is a folder, not a file", "give the path of the CSV or Parquet file."
             )
         return path.stat().st_size
     except FileNotFoundError:
-        raise _err(display, "the file does not exist", "check the path.") from None
+        raise data_error(display, "the file does not exist", "check the path.") from None
     except OSError as exc:
         raise _os_error(display, exc) from None
 
 
 def _os_error(display: str, exc: OSError) -> DataError:
-    return _err(display, f"cannot be read ({_detail(exc)})", "check the path and its permissions.")
+    return data_error(
+        display, f"cannot be read ({_detail(exc)})", "check the path and its permissions."
+    )
 
 
 def _read_head(path: Path, display: str) -> bytes:
@@ -386,13 +486,34 @@ def _read_path(path: Path, display: str) -> bytes:
         raise _os_error(display, exc) from None
 
 
-def _check_size(size: int, max_bytes: int, display: str) -> None:
-    if size > max_bytes:
-        raise _err(
+def _check_size(size: int, max_bytes: int | None, display: str) -> None:
+    if max_bytes is not None and size > max_bytes:
+        raise data_error(
             display,
             f"the file is {_size(size)}, over the {_size(max_bytes)} limit",
             "split it into smaller files, or stream a Parquet file with iter_parquet_chunks.",
         )
+
+
+def _read_stream(source: BinaryIO, display: str, max_bytes: int | None) -> bytes:
+    try:
+        data = source.read() if max_bytes is None else source.read(max_bytes + 1)
+    except Exception as exc:  # a broken upload stream is still the user's input
+        raise data_error(
+            display, f"could not be read ({_detail(exc)})", "upload it again."
+        ) from None
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError("read_frame needs a binary file object")
+    data = bytes(data)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise data_error(
+            display,
+            f"the file is larger than the {_size(max_bytes)} limit",
+            "split it into smaller files, or stream a Parquet file with iter_parquet_chunks.",
+        )
+    return data
 
 
 def _binary_kind(head: bytes) -> str | None:
@@ -409,8 +530,8 @@ def _binary_kind(head: bytes) -> str | None:
 
 
 def _parquet_frame(
-    src: str | pa.BufferReader, display: str, extra_columns: frozenset[str]
-) -> tuple[pd.DataFrame, _Layout]:
+    src: str | pa.BufferReader, display: str, plan: Callable[[list[object]], _C]
+) -> tuple[pd.DataFrame, _C]:
     try:
         pf = pq.ParquetFile(src)
         names = pf.schema_arrow.names
@@ -418,46 +539,46 @@ def _parquet_frame(
     except Exception as exc:
         raise _unreadable_parquet(display, exc) from None
     with pf:
-        layout = _plan_columns(names, display, extra_columns)
+        columns = plan(names)
         if n_rows == 0:
             raise _no_rows(display)
         try:
-            table = pf.read(columns=list(layout.columns))
+            table = pf.read(columns=columns.to_read())
             table.validate(full=True)  # e.g. text that is not UTF-8 in a damaged file
             df = table.to_pandas()
         except Exception as exc:
             raise _unreadable_parquet(display, exc) from None
     del table
-    return df, layout
+    return df, columns
 
 
 def _csv_frame(
-    data: bytes, display: str, extra_columns: frozenset[str]
-) -> tuple[pd.DataFrame, _Layout]:
+    data: bytes, display: str, plan: Callable[[list[object]], _C]
+) -> tuple[pd.DataFrame, _C]:
     what = _binary_kind(data[:8192])
     if what is not None:
-        raise _err(
+        raise data_error(
             display,
             f"is not a CSV or Parquet file (it looks like {what})",
-            "upload a comma-separated UTF-8 CSV or a Parquet file.",
+            "use a comma-separated UTF-8 CSV or a Parquet file.",
         )
     start = len(_UTF8_BOM) if data.startswith(_UTF8_BOM) else 0
     header = _csv_header(data, start, display)
-    layout = _plan_columns(header, display, extra_columns)
+    columns = plan(header)
 
     if data.count(b'"') % 2:
         raise _unclosed_quote(data, start, display)
 
     body = pa.py_buffer(data)[start:]
     try:
-        table = _arrow_csv(body, layout, outputs_as_text=False)
+        table = _arrow_csv(body, columns.csv_types(as_text=False))
     except pa.ArrowInvalid as exc:
         message = str(exc)
         if "CSV conversion error" in message:
-            # A cell that is not a number: read the outputs as text and let the validation
-            # below name the column and the row.
+            # A cell that is not a number: read the numeric columns as text and let the
+            # caller's checks name the column and the row.
             try:
-                table = _arrow_csv(body, layout, outputs_as_text=True)
+                table = _arrow_csv(body, columns.csv_types(as_text=True))
             except Exception as exc2:
                 raise _csv_failure(data, start, len(header), display, exc2) from None
         else:
@@ -466,17 +587,17 @@ def _csv_frame(
         raise _csv_failure(data, start, len(header), display, exc) from None
 
     if table.column_names != header:  # pyarrow read the header differently from csv: recheck
-        layout = _plan_columns(table.column_names, display, extra_columns)
+        columns = plan(table.column_names)
     if table.num_rows == 0:
         raise _no_rows(display)
     try:
         df = table.to_pandas()
     except Exception as exc:
-        raise _err(
+        raise data_error(
             display, f"could not be converted ({_detail(exc)})", "re-export the CSV."
         ) from None
     del table
-    return df, layout
+    return df, columns
 
 
 def _decode(data: bytes, start: int, display: str) -> str:
@@ -485,7 +606,7 @@ def _decode(data: bytes, start: int, display: str) -> str:
     except UnicodeDecodeError as exc:
         pos = start + exc.start
         line = data.count(b"\n", 0, pos) + 1
-        raise _err(
+        raise data_error(
             display,
             f"is not UTF-8 text (byte 0x{data[pos]:02x} on line {line} cannot be decoded)",
             "save the file as UTF-8 CSV (in Excel: 'CSV UTF-8 (Comma delimited)').",
@@ -500,14 +621,14 @@ def _csv_header(data: bytes, start: int, display: str) -> list[str]:
     try:
         header = next(csv.reader([first.rstrip("\r")]))
     except (csv.Error, StopIteration) as exc:
-        raise _err(
+        raise data_error(
             display,
             f"the header row cannot be parsed as CSV ({_detail(exc)})",
             "the first line must be the comma-separated column names.",
         ) from None
     if len(header) == 1 and (";" in header[0] or "\t" in header[0]):
         sep = "semicolons" if ";" in header[0] else "tabs"
-        raise _err(
+        raise data_error(
             display,
             f"the header is separated by {sep}, not commas",
             "save the file as comma-separated CSV (or Parquet).",
@@ -515,14 +636,7 @@ def _csv_header(data: bytes, start: int, display: str) -> list[str]:
     return header
 
 
-def _arrow_csv(body: pa.Buffer, layout: _Layout, *, outputs_as_text: bool) -> pa.Table:
-    out_type = pa.string() if outputs_as_text else pa.float64()
-    types: dict[str, pa.DataType] = {c: out_type for c in layout.output_columns}
-    types["label"] = pa.string()
-    if layout.has_split:
-        types["split"] = pa.string()
-    if layout.has_sample_id:
-        types["sample_id"] = pa.string()
+def _arrow_csv(body: pa.Buffer, types: dict[str, pa.DataType]) -> pa.Table:
     return pacsv.read_csv(
         pa.BufferReader(body),
         read_options=pacsv.ReadOptions(use_threads=True),
@@ -543,13 +657,13 @@ def _csv_failure(
     ragged = _first_ragged_row(data, start, n_fields)
     if ragged is not None:
         row, line, got = ragged
-        return _err(
+        return data_error(
             display,
             f"line {line} of the file has {got} fields but the header has {n_fields}",
             "give every row exactly one value per column (quote values that contain commas).",
             row=row,
         )
-    return _err(
+    return data_error(
         display,
         f"could not be parsed as CSV ({_detail(exc)})",
         "export it again as a comma-separated UTF-8 CSV with one header row.",
@@ -572,7 +686,7 @@ def _unclosed_quote(data: bytes, start: int, display: str) -> DataError:
     except (csv.Error, UnicodeDecodeError):
         row = line = None
     where = f" (it opens on line {line} and runs to the end of the file)" if line else ""
-    return _err(
+    return data_error(
         display,
         f"a quoted value is never closed{where}",
         'close the quote, or write a literal quote inside a quoted value as "".',
@@ -619,44 +733,47 @@ class _Layout:
             cols.append("sample_id")
         return (*cols, *self.extras)
 
+    def to_read(self) -> list[str]:
+        return list(self.columns)
+
+    def csv_types(self, *, as_text: bool) -> dict[str, pa.DataType]:
+        out_type = pa.string() if as_text else pa.float64()
+        types: dict[str, pa.DataType] = {c: out_type for c in self.output_columns}
+        types["label"] = pa.string()
+        if self.has_split:
+            types["split"] = pa.string()
+        if self.has_sample_id:
+            types["sample_id"] = pa.string()
+        return types
+
 
 def _plan_columns(names: Sequence[object], source: str, extra_columns: frozenset[str]) -> _Layout:
     """Check the column names and work out the layout; every bad name is a DataError."""
-    seen: set[object] = set()
-    for col in names:
-        if col in seen:
-            raise _err(
-                source,
-                "the column name appears more than once",
-                "give every column a unique name.",
-                column=col,
-            )
-        seen.add(col)
-
+    check_unique_columns(names, source)
     strs = [c for c in names if isinstance(c, str)]
-    if "label" not in seen:
+    if "label" not in names:
         near = [c for c in strs if c.strip().lower() == "label"]
         fix = (
-            f"rename {_show(near[0])} to 'label'."
+            f"rename {show_value(near[0])} to 'label'."
             if near
             else "add a 'label' column with each sample's class (name or index); leave it empty "
             "on rows with split=unlabelled."
         )
-        raise _err(source, "there is no 'label' column", fix)
+        raise data_error(source, "there is no 'label' column", fix)
 
     logits = [c for c in strs if c.startswith(LOGIT_PREFIX)]
     probs = [c for c in strs if c.startswith(PROB_PREFIX)]
     if not logits and not probs:
         others = [str(c) for c in names if c not in _RESERVED and c not in extra_columns]
         seen_text = f" (found {_class_list(others, 5)})" if others else ""
-        raise _err(
+        raise data_error(
             source,
             f"there are no teacher-output columns{seen_text}",
             "name the teacher's outputs logit_<class> (raw scores) or prob_<class> "
             "(probabilities), one column per class, e.g. logit_cat, logit_dog.",
         )
     if logits and probs:
-        raise _err(
+        raise data_error(
             source,
             f"it mixes logit_ columns ({logits[0]}, ...) and prob_ columns ({probs[0]}, ...)",
             "use one kind per file: all logit_<class> or all prob_<class>.",
@@ -667,21 +784,21 @@ def _plan_columns(names: Sequence[object], source: str, extra_columns: frozenset
             continue
         if isinstance(col, str) and (col.startswith(LOGIT_PREFIX) or col.startswith(PROB_PREFIX)):
             continue
-        raise _err(source, "unknown column", _unknown_fix(col), column=col)
+        raise data_error(source, "unknown column", _unknown_fix(col), column=col)
 
     prefix = LOGIT_PREFIX if logits else PROB_PREFIX
     outputs = logits or probs
     class_names = tuple(c[len(prefix) :] for c in outputs)
     for col, cname in zip(outputs, class_names, strict=True):
         if not cname.strip():
-            raise _err(
+            raise data_error(
                 source,
                 "the class name after the prefix is empty",
                 f"name the column {prefix}<class>, e.g. {prefix}cat.",
                 column=col,
             )
     if len(outputs) < 2:
-        raise _err(
+        raise data_error(
             source,
             f"there is only one class ({outputs[0]}); a classifier needs at least two",
             f"add one {prefix}<class> column per class.",
@@ -690,8 +807,8 @@ def _plan_columns(names: Sequence[object], source: str, extra_columns: frozenset
         kind="logits" if logits else "probabilities",
         output_columns=tuple(outputs),
         class_names=class_names,
-        has_split="split" in seen,
-        has_sample_id="sample_id" in seen,
+        has_split="split" in names,
+        has_sample_id="sample_id" in names,
         extras=tuple(c for c in names if c in extra_columns and c not in _RESERVED),
     )
 
@@ -699,7 +816,7 @@ def _plan_columns(names: Sequence[object], source: str, extra_columns: frozenset
 def _unknown_fix(col: object) -> str:
     if isinstance(col, str):
         low = col.strip().lower()
-        if col == "" or low.startswith("unnamed:") or low in ("index", "__index_level_0__"):
+        if is_index_column(col):
             return (
                 "it looks like a saved row index; delete it or write the file with index=False "
                 f"({_ALLOWED_TEXT})."
@@ -730,9 +847,14 @@ class _Context:
     source: str
     offset: int = 0  # rows before this frame (chunked reads)
     state: _StreamState | None = None
+    names: dict[str, str] = field(default_factory=dict)  # see validate_frame's column_names
 
     def row(self, position: int) -> int:
         return self.offset + int(position) + 1
+
+    def column(self, name: str) -> str:
+        """What messages call the contract's column ``name``."""
+        return self.names.get(name, name)
 
 
 def _iter_chunks(
@@ -833,7 +955,7 @@ def _parse_split(ser: pd.Series, ctx: _Context) -> np.ndarray:
         if value is pd.NA:
             problem = "the split is empty"
         else:
-            problem = f"unknown split {_show(value)}"
+            problem = f"unknown split {show_value(value)}"
         hint = ""
         if value is not pd.NA:
             low = str(value).strip().lower()
@@ -843,11 +965,11 @@ def _parse_split(ser: pd.Series, ctx: _Context) -> np.ndarray:
                 hint = " (write 'unlabelled')"
             elif low in ("val", "valid", "validation", "holdout", "eval"):
                 hint = " (held-out data is 'test')"
-        raise _err(
+        raise data_error(
             ctx.source,
             problem,
             f"use one of the allowed values: {', '.join(SPLITS)}{hint}.",
-            column="split",
+            column=ctx.column("split"),
             row=ctx.row(i),
         )
     return text.to_numpy(dtype=object, na_value=None)
@@ -869,7 +991,9 @@ def _parse_outputs(df: pd.DataFrame, layout: _Layout, ctx: _Context) -> np.ndarr
             if _is_plain_numeric(ser.dtype):
                 by_column[j] = ser.to_numpy(dtype=np.float32, na_value=np.nan)
             else:
-                by_column[j] = _numeric_or_fail(ser, col, ctx)
+                by_column[j] = numeric_or_fail(
+                    ser, col, ctx.source, _OUTPUTS_FIX + ".", offset=ctx.offset
+                )
         finite[j] = np.isfinite(by_column[j]).all()
 
     if not finite.all():
@@ -881,7 +1005,7 @@ def _parse_outputs(df: pd.DataFrame, layout: _Layout, ctx: _Context) -> np.ndarr
             if np.isnan(by_column[j, i])
             else "the value is infinite or too large for float32 (beyond ±3.4e38)"
         )
-        raise _err(
+        raise data_error(
             ctx.source, problem, _OUTPUTS_FIX + ".", column=layout.output_columns[j], row=ctx.row(i)
         )
     out = _rows_from_columns(by_column)
@@ -892,7 +1016,7 @@ def _parse_outputs(df: pd.DataFrame, layout: _Layout, ctx: _Context) -> np.ndarr
         if negative.any():
             i = _first(negative.any(axis=1))
             j = _first(negative[i])
-            raise _err(
+            raise data_error(
                 ctx.source,
                 f"the probability {float(out[i, j]):.6g} is negative",
                 "probabilities must be between 0 and 1; export raw scores as logit_<class> "
@@ -905,7 +1029,7 @@ def _parse_outputs(df: pd.DataFrame, layout: _Layout, ctx: _Context) -> np.ndarr
         off = np.abs(sums - 1.0) > PROB_TOLERANCE
         if off.any():
             i = _first(off)
-            raise _err(
+            raise data_error(
                 ctx.source,
                 f"the prob_ columns sum to {sums[i]:.6g}, not 1 (tolerance {PROB_TOLERANCE:g})",
                 "normalise each row so its probabilities sum to 1, or export raw scores as "
@@ -923,46 +1047,6 @@ def _rows_from_columns(by_column: np.ndarray) -> np.ndarray:
     for start in range(0, n, step):
         out[start : start + step] = by_column[:, start : start + step].T
     return out
-
-
-def _numeric_or_fail(ser: pd.Series, col: str, ctx: _Context) -> np.ndarray:
-    """Convert a non-numeric-typed output column to float64 or name its first bad cell."""
-    dtype = ser.dtype
-    if (
-        pd.api.types.is_bool_dtype(dtype)
-        or pd.api.types.is_datetime64_any_dtype(dtype)
-        or pd.api.types.is_timedelta64_dtype(dtype)
-        or pd.api.types.is_complex_dtype(dtype)
-    ):
-        present = ~_mask(ser.isna().reset_index(drop=True))
-        if present.any():
-            i = _first(present)
-            _raise_not_number(ser.iloc[i], col, ctx, i)
-        return np.full(len(ser), np.nan)
-
-    text = _as_text(ser, strip=True)
-    try:
-        values = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-    except Exception:
-        values = np.full(len(text), np.nan)
-    suspects = np.flatnonzero(np.isnan(values) & ~_mask(text.isna() | (text == ""), na=True))
-    for i in suspects:
-        value = text.iloc[i]
-        try:
-            values[i] = float(value)  # "nan", "1_000", huge integers and the like
-        except (TypeError, ValueError, OverflowError):
-            _raise_not_number(value, col, ctx, i)
-    return values
-
-
-def _raise_not_number(value: object, col: str, ctx: _Context, position: int) -> None:
-    raise _err(
-        ctx.source,
-        f"the value {_show(value if isinstance(value, str) else str(value))} is not a number",
-        _OUTPUTS_FIX + ".",
-        column=col,
-        row=ctx.row(position),
-    )
 
 
 def _int_class_names(class_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -1014,12 +1098,12 @@ def _parse_labels(
     if missing.any():
         i = _first(missing)
         where = f"its split is {split[i]!r}" if split is not None else "there is no split column"
-        raise _err(
+        raise data_error(
             ctx.source,
             f"the label is empty but {where}",
             "fill in the class (name or index), or set split to 'unlabelled' for transfer "
             "data without labels.",
-            column="label",
+            column=ctx.column("label"),
             row=ctx.row(i),
         )
 
@@ -1031,10 +1115,10 @@ def _parse_labels(
         intlike = has & np.isfinite(nums) & (nums == np.floor(nums))
 
     def fail(i: int, problem: str, fix: str) -> DataError:
-        return _err(ctx.source, problem, fix, column="label", row=ctx.row(i))
+        return data_error(ctx.source, problem, fix, column=ctx.column("label"), row=ctx.row(i))
 
     def shown(i: int) -> str:
-        return _show(str(u_str[ucode[i]]))
+        return show_value(str(u_str[ucode[i]]))
 
     numbered = _int_class_names(class_names)
     if numbered is not None:
@@ -1116,7 +1200,7 @@ def _parse_sample_id(ser: pd.Series, ctx: _Context) -> np.ndarray:
         empty = _mask(text.isna() | (text == ""), na=True)
     if empty.any():
         i = _first(empty)
-        raise _err(
+        raise data_error(
             ctx.source,
             "the sample_id is empty",
             "give every row a unique sample_id, or drop the sample_id column.",
@@ -1133,9 +1217,9 @@ def _parse_sample_id(ser: pd.Series, ctx: _Context) -> np.ndarray:
     if dup.any():
         i = _first(dup)
         earlier = _first(codes == codes[i])
-        raise _err(
+        raise data_error(
             ctx.source,
-            f"sample_id {_show(str(ser.iloc[i]))} repeats data row {ctx.row(earlier)}",
+            f"sample_id {show_value(str(ser.iloc[i]))} repeats data row {ctx.row(earlier)}",
             "make every sample_id unique (or drop the sample_id column).",
             column="sample_id",
             row=ctx.row(i),
@@ -1153,9 +1237,9 @@ def _parse_sample_id(ser: pd.Series, ctx: _Context) -> np.ndarray:
             again = state.seen_ids[pos] == hashes
             if again.any():
                 i = _first(again)
-                raise _err(
+                raise data_error(
                     ctx.source,
-                    f"sample_id {_show(str(ser.iloc[i]))} already appeared in an earlier row",
+                    f"sample_id {show_value(str(ser.iloc[i]))} already appeared in an earlier row",
                     "make every sample_id unique (or drop the sample_id column).",
                     column="sample_id",
                     row=ctx.row(i),

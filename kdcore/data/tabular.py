@@ -13,18 +13,18 @@ A CSV or Parquet file with
   on ``sample_id`` (then the data file needs a ``sample_id`` column too);
 * optionally ``sample_id`` (unique).
 
-:func:`load_tabular` returns a :class:`TabularDataset` with the interface of
-:class:`kdcore.data.bundles.Bundle` (``name``, ``class_names``, ``splits``, ``x``, ``y``,
-``teacher_logits``, ``student_spec``, ...) so training, ``compare`` and the analysis use it
-unchanged. The student is an MLP from the model zoo; there is no teacher model, only its
-outputs (``teacher_spec`` is None).
+:func:`load_tabular` returns a :class:`TabularDataset`, a :class:`kdcore.data.dataset.Dataset`
+like a bundle, so training, ``compare`` and the analysis use it unchanged. The student is an MLP
+from the model zoo; there is no teacher model, only its outputs (``teacher_spec`` and
+``teacher_weights`` are None).
 
-The label, split, sample_id and teacher-output columns are validated by
-:func:`kdcore.data.tables.validate_frame` (the prediction-table contract); features and the join are
-checked here. Every problem raises :class:`~kdcore.errors.DataError` with one line naming the
-file, the column, the first bad data row (counted from 1, header not counted) and the fix. The
-format is detected from the content (Parquet magic bytes), never from the file name, and
-nothing is unpickled.
+Files are read by :func:`kdcore.data.tables.read_frame`, the reader of prediction tables, and
+the label, split, sample_id and teacher-output columns are validated by
+:func:`kdcore.data.tables.validate_frame` (the prediction-table contract, with messages naming
+this file's columns); features and the join are checked here. Every problem raises
+:class:`~kdcore.errors.DataError` with one line naming the file, the column, the first bad data
+row (counted from 1, header not counted) and the fix. The format is detected from the content
+(Parquet magic bytes), never from the file name, and nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -36,26 +36,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from kdcore.data.tables import (
     LOGIT_PREFIX,
     PROB_PREFIX,
     SPLITS,
     PredictionTable,
-    _binary_kind,
-    _csv_failure,
-    _csv_header,
-    _display_name,
-    _empty,
-    _err,
-    _file_size,
-    _no_rows,
-    _read_path,
-    _show,
-    _unclosed_quote,
-    _unreadable_parquet,
+    check_unique_columns,
+    data_error,
+    display_name,
+    is_index_column,
+    numeric_or_fail,
+    read_frame,
+    show_value,
     validate_frame,
 )
 from kdcore.errors import DataError
@@ -65,13 +58,14 @@ __all__ = ["DEFAULT_HIDDEN", "TabularDataset", "load_tabular"]
 DEFAULT_HIDDEN: tuple[int, ...] = (64,)
 # log(p) stands in for the logits of a teacher given as probabilities; p = 0 is clipped here.
 _MIN_PROBABILITY = 1e-12
-_INDEX_NAMES = ("index", "__index_level_0__")
 _ROLE = {"train": "learns from", "test": "is tested on"}
+_FEATURE_FIX = ("feature columns must be numeric: encode categories as numbers (e.g. one-hot "
+                "columns) or drop the column.")
 
 
 @dataclass(eq=False)
 class TabularDataset:
-    """A loaded tabular dataset, with the training interface of a bundle.
+    """A loaded tabular dataset (a :class:`~kdcore.data.dataset.Dataset`).
 
     Features are standardised with the mean and standard deviation of the training rows
     (``train`` and ``unlabelled``; never ``test``); ``x(split)`` returns them as float32.
@@ -116,6 +110,10 @@ class TabularDataset:
         return None
 
     @property
+    def teacher_weights(self) -> None:
+        return None
+
+    @property
     def student_spec(self) -> dict:
         return {"type": "mlp", "input_dim": self.n_features, "hidden": list(self.hidden),
                 "n_classes": self.n_classes}
@@ -156,12 +154,6 @@ class TabularDataset:
     def analysis_labels(self) -> dict[str, np.ndarray]:
         return {}
 
-    def load_teacher(self):
-        raise DataError(
-            f"{self.name}: a tabular dataset has the teacher's outputs but not the teacher model; "
-            "measure the student alone, or use a bundle with the teacher's weights"
-        )
-
 
 # --------------------------------------------------------------------------------------------
 # Loading
@@ -196,7 +188,7 @@ def load_tabular(
 
     Probabilities (``prob_`` columns) are turned into logits as ``log(p)``.
     """
-    display = _display_name(path, None)
+    display = display_name(path, None)
     hidden = _check_hidden(hidden)
     if not isinstance(label_column, str) or not label_column:
         raise DataError("label_column must name a column (--label-column NAME)")
@@ -206,7 +198,6 @@ def load_tabular(
                         "(--test-size)")
     df = _read_frame(Path(path), display)
     columns = list(df.columns)
-    _check_column_names(columns, display)
 
     if label_column not in columns:
         near = [c for c in columns if isinstance(c, str)
@@ -214,20 +205,20 @@ def load_tabular(
         fix = (f"pass --label-column {near[0]!r}." if near else
                "pass --label-column with the name of the column that holds each row's class "
                f"(columns: {_names(columns)}).")
-        raise _err(display, f"there is no label column {label_column!r}", fix)
+        raise data_error(display, f"there is no label column {label_column!r}", fix)
     if split_column is not None and split_column not in columns:
         if split_column != "split":
-            raise _err(display, f"there is no split column {split_column!r}",
-                       f"pass --split-column with the column holding train/unlabelled/test, or "
-                       f"leave it out for an automatic {1 - test_size:.0%}/{test_size:.0%} "
-                       "train/test split.")
+            raise data_error(display, f"there is no split column {split_column!r}",
+                             "pass --split-column with the column holding train/unlabelled/"
+                             f"test, or leave it out for an automatic {1 - test_size:.0%}/"
+                             f"{test_size:.0%} train/test split.")
         split_column = None
     for reserved, role, flag in (("label", label_column, "--label-column"),
                                  ("split", split_column, "--split-column")):
         if reserved in columns and reserved != role:
-            raise _err(display, f"a column is named {reserved!r} but the {reserved} column is "
-                       f"{role!r}, so it would be used as a feature",
-                       f"rename or drop it, or pass {flag} {reserved}.", column=reserved)
+            raise data_error(display, f"a column is named {reserved!r} but the {reserved} column "
+                             f"is {role!r}, so it would be used as a feature",
+                             f"rename or drop it, or pass {flag} {reserved}.", column=reserved)
 
     outputs = [c for c in columns if isinstance(c, str)
                and (c.startswith(LOGIT_PREFIX) or c.startswith(PROB_PREFIX))]
@@ -236,21 +227,22 @@ def load_tabular(
         roles.add(split_column)
     features = [c for c in columns if c not in roles]
     if not features:
-        raise _err(display, "there are no feature columns",
-                   f"add numeric feature columns; every column other than {label_column!r}, "
-                   "split, sample_id and the logit_ columns is a feature.")
+        raise data_error(display, "there are no feature columns",
+                         f"add numeric feature columns; every column other than {label_column!r}, "
+                         "split, sample_id and the logit_ columns is a feature.")
 
     if teacher_logits is not None:
         logits_path = Path(teacher_logits)
         if outputs:
-            raise _err(display, f"it has teacher-output columns ({outputs[0]}, ...) and a "
-                       f"separate teacher-logits file was given too",
-                       "use one: drop the logit_ columns, or leave out --teacher-logits.")
+            raise data_error(display, f"it has teacher-output columns ({outputs[0]}, ...) and a "
+                             f"separate teacher-logits file was given too",
+                             "use one: drop the logit_ columns, or leave out --teacher-logits.")
         teacher_frame = _joined_outputs(df, display, logits_path)
     elif not outputs:
-        raise _err(display, "there are no teacher-output columns",
-                   "add the teacher's logit_<class> columns (one per class, in class order), or "
-                   "pass --teacher-logits FILE with sample_id and logit_<class> columns.")
+        raise data_error(display, "there are no teacher-output columns",
+                         "add the teacher's logit_<class> columns (one per class, in class "
+                         "order), or pass --teacher-logits FILE with sample_id and logit_<class> "
+                         "columns.")
     else:
         teacher_frame = df[outputs]
 
@@ -262,11 +254,11 @@ def load_tabular(
         split = np.asarray(table.split, dtype=object)
         for needed in ("train", "test"):
             if not (split == needed).any():
-                raise _err(display, f"no row has split {needed!r}",
-                           f"mark the rows the student {_ROLE[needed]} as {needed!r}, or "
-                           "drop the split column for an automatic "
-                           f"{1 - test_size:.0%}/{test_size:.0%} split.",
-                           column=split_column)
+                raise data_error(display, f"no row has split {needed!r}",
+                                 f"mark the rows the student {_ROLE[needed]} as {needed!r}, or "
+                                 "drop the split column for an automatic "
+                                 f"{1 - test_size:.0%}/{test_size:.0%} split.",
+                                 column=split_column)
     else:
         split = _stratified_split(table.labels, test_size, seed, display)
 
@@ -331,89 +323,36 @@ def _names(columns: Sequence[object], limit: int = 8) -> str:
 # Reading
 
 
+@dataclass(frozen=True)
+class _Columns:
+    """Every column of a tabular file (features have no fixed names), for read_frame."""
+
+    names: tuple[object, ...]
+
+    def to_read(self) -> None:
+        return None
+
+    def csv_types(self, *, as_text: bool) -> dict[str, pa.DataType]:
+        # sample_id is text (ids are matched across files as written); the rest is inferred.
+        types = {c: pa.string() for c in self.names} if as_text else {}
+        if "sample_id" in self.names:
+            types["sample_id"] = pa.string()
+        return types
+
+
 def _read_frame(path: Path, display: str) -> pd.DataFrame:
-    """The file as a DataFrame: Parquet by its magic bytes, anything else as UTF-8 CSV."""
-    if _file_size(path, display) == 0:
-        raise _empty(display)
-    data = _read_path(path, display)
-    if data[:4] == b"PAR1":
-        return _parquet_frame(data, display)
-    return _csv_frame(data, display)
+    """The file as a DataFrame, its column names checked (see kdcore.data.tables.read_frame)."""
+    return read_frame(path, display, lambda names: _checked_columns(names, display))[0]
 
 
-def _parquet_frame(data: bytes, display: str) -> pd.DataFrame:
-    try:
-        pf = pq.ParquetFile(pa.BufferReader(data))
-        names = pf.schema_arrow.names
-        n_rows = pf.metadata.num_rows
-    except Exception as exc:
-        raise _unreadable_parquet(display, exc) from None
-    with pf:
-        _check_column_names(names, display)
-        if n_rows == 0:
-            raise _no_rows(display)
-        try:
-            table = pf.read()
-            table.validate(full=True)
-            return table.to_pandas()
-        except Exception as exc:
-            raise _unreadable_parquet(display, exc) from None
-
-
-def _csv_frame(data: bytes, display: str) -> pd.DataFrame:
-    what = _binary_kind(data[:8192])
-    if what is not None:
-        raise _err(display, f"is not a CSV or Parquet file (it looks like {what})",
-                   "give a comma-separated UTF-8 CSV or a Parquet file.")
-    start = 3 if data.startswith(b"\xef\xbb\xbf") else 0
-    header = _csv_header(data, start, display)  # also checks that the file is UTF-8
-    _check_column_names(header, display)
-    if data.count(b'"') % 2:
-        raise _unclosed_quote(data, start, display)
-    body = pa.py_buffer(data)[start:]
-    try:
-        table = _arrow_csv(body, header, as_text=False)
-    except pa.ArrowInvalid as exc:
-        if "CSV conversion error" not in str(exc):
-            raise _csv_failure(data, start, len(header), display, exc) from None
-        # A column whose type changes down the file: read it all as text and let the
-        # column checks name the first cell that is not a number.
-        try:
-            table = _arrow_csv(body, header, as_text=True)
-        except Exception as exc2:
-            raise _csv_failure(data, start, len(header), display, exc2) from None
-    except Exception as exc:
-        raise _csv_failure(data, start, len(header), display, exc) from None
-    if table.num_rows == 0:
-        raise _no_rows(display)
-    return table.to_pandas()
-
-
-def _arrow_csv(body: pa.Buffer, header: list[str], *, as_text: bool) -> pa.Table:
-    # sample_id is text (ids are matched across files as written); the rest is inferred.
-    types = {c: pa.string() for c in header} if as_text else {}
-    if "sample_id" in header:
-        types["sample_id"] = pa.string()
-    return pacsv.read_csv(
-        pa.BufferReader(body),
-        parse_options=pacsv.ParseOptions(newlines_in_values=True),
-        convert_options=pacsv.ConvertOptions(
-            column_types=types, null_values=[""], strings_can_be_null=True,
-            quoted_strings_can_be_null=True),
-    )
-
-
-def _check_column_names(names: Sequence[object], display: str) -> None:
-    seen: set[object] = set()
+def _checked_columns(names: Sequence[object], display: str) -> _Columns:
+    check_unique_columns(names, display)
     for col in names:
-        if col in seen:
-            raise _err(display, "the column name appears more than once",
-                       "give every column a unique name.", column=col)
-        seen.add(col)
-        text = str(col).strip()
-        if text == "" or text.lower().startswith("unnamed:") or text.lower() in _INDEX_NAMES:
-            raise _err(display, "it looks like a saved row index (it would be used as a feature)",
-                       "delete the column, or write the file with index=False.", column=col)
+        if is_index_column(col):
+            raise data_error(display, "it looks like a saved row index (it would be used as a "
+                             "feature)", "delete the column, or write the file with index=False.",
+                             column=col)
+    return _Columns(tuple(names))
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,10 +369,8 @@ def _validate_contract(df: pd.DataFrame, teacher: pd.DataFrame, display: str, la
         frame["split"] = df[split_column].to_numpy()
     if "sample_id" in df.columns:
         frame["sample_id"] = df["sample_id"].to_numpy()
-    try:
-        return validate_frame(frame, source=display)
-    except DataError as exc:
-        raise DataError(_renamed(str(exc), label_column, split_column)) from None
+    return validate_frame(frame, source=display,
+                          column_names={"label": label_column, "split": split_column or "split"})
 
 
 def _label_text(ser: pd.Series) -> pd.Series:
@@ -448,36 +385,27 @@ def _label_text(ser: pd.Series) -> pd.Series:
     return ser
 
 
-def _renamed(message: str, label_column: str, split_column: str | None) -> str:
-    if label_column != "label":
-        message = message.replace("column 'label'", f"column {label_column!r}")
-    if split_column not in (None, "split"):
-        message = message.replace("column 'split'", f"column {split_column!r}")
-    return message
-
-
 def _joined_outputs(df: pd.DataFrame, display: str, logits_path: Path) -> pd.DataFrame:
     """The teacher's outputs from a second file, in the data file's row order."""
-    other = _display_name(logits_path, None)
+    other = display_name(logits_path, None)
     if other == display:
         other = f"{other} (teacher logits)"
     logits_df = _read_frame(logits_path, other)
     columns = list(logits_df.columns)
-    _check_column_names(columns, other)
     if "sample_id" not in columns:
-        raise _err(other, "there is no 'sample_id' column",
-                   f"add a sample_id column with the ids of the rows of {display}, so each "
-                   "row of logits can be matched with its sample.")
+        raise data_error(other, "there is no 'sample_id' column",
+                         f"add a sample_id column with the ids of the rows of {display}, so each "
+                         "row of logits can be matched with its sample.")
     outputs = [c for c in columns if isinstance(c, str)
                and (c.startswith(LOGIT_PREFIX) or c.startswith(PROB_PREFIX))]
     for col in columns:
         if col != "sample_id" and col not in outputs:
-            raise _err(other, "unknown column in a teacher-logits file",
-                       "a teacher-logits file holds sample_id and the logit_<class> (or "
-                       "prob_<class>) columns only; remove it.", column=col)
+            raise data_error(other, "unknown column in a teacher-logits file",
+                             "a teacher-logits file holds sample_id and the logit_<class> (or "
+                             "prob_<class>) columns only; remove it.", column=col)
     if not outputs:
-        raise _err(other, "there are no teacher-output columns",
-                   "name the teacher's outputs logit_<class>, one column per class.")
+        raise data_error(other, "there are no teacher-output columns",
+                         "name the teacher's outputs logit_<class>, one column per class.")
     # The outputs and the ids, checked by the prediction-table rules (row numbers of this file).
     check = pd.DataFrame({"label": pd.Series([None] * len(logits_df), dtype=object),
                           "split": "unlabelled"})
@@ -488,31 +416,32 @@ def _joined_outputs(df: pd.DataFrame, display: str, logits_path: Path) -> pd.Dat
     del check
 
     if "sample_id" not in df.columns:
-        raise _err(display, "there is no 'sample_id' column",
-                   f"add a sample_id column (the ids used in {other}) so the teacher's logits "
-                   "can be matched with the rows.")
+        raise data_error(display, "there is no 'sample_id' column",
+                         f"add a sample_id column (the ids used in {other}) so the teacher's "
+                         "logits can be matched with the rows.")
     keys = _keys(df["sample_id"])
     empty = keys == ""
     if empty.any():
         i = int(np.argmax(empty))
-        raise _err(display, "the sample_id is empty",
-                   f"give every row the sample_id of its logits row in {other}.",
-                   column="sample_id", row=i + 1)
+        raise data_error(display, "the sample_id is empty",
+                         f"give every row the sample_id of its logits row in {other}.",
+                         column="sample_id", row=i + 1)
     their = _keys(pd.Series(checked.sample_id))
     position = pd.Index(their).get_indexer(keys)
     missing = position < 0
     if missing.any():
         i = int(np.argmax(missing))
-        raise _err(display, f"sample_id {_show(keys[i])} is not in {other}",
-                   f"give {other} one row of teacher logits for every sample_id of {display}.",
-                   column="sample_id", row=i + 1)
+        raise data_error(display, f"sample_id {show_value(keys[i])} is not in {other}",
+                         f"give {other} one row of teacher logits for every sample_id of "
+                         f"{display}.",
+                         column="sample_id", row=i + 1)
     used = np.zeros(len(their), dtype=bool)
     used[position] = True
     if not used.all() and len(np.unique(position)) == len(position):
         j = int(np.argmax(~used))
-        raise _err(other, f"sample_id {_show(their[j])} is not in {display}",
-                   f"drop that row from {other}, or add the sample to {display}.",
-                   column="sample_id", row=j + 1)
+        raise data_error(other, f"sample_id {show_value(their[j])} is not in {display}",
+                         f"drop that row from {other}, or add the sample to {display}.",
+                         column="sample_id", row=j + 1)
     return pd.DataFrame(checked.outputs[position], columns=outputs)
 
 
@@ -541,42 +470,24 @@ def _features(df: pd.DataFrame, features: list[object], display: str) -> np.ndar
               and not isinstance(dtype, pd.CategoricalDtype)):
             values = ser.to_numpy(dtype=np.float64, na_value=np.nan)
         else:
-            values = _numeric_or_fail(ser, col, display)
+            values = numeric_or_fail(ser, col, display, _FEATURE_FIX)
         bad = ~np.isfinite(values)
         if bad.any():
             i = int(np.argmax(bad))
             problem = ("the feature value is empty or NaN" if np.isnan(values[i])
                        else "the feature value is infinite")
-            raise _err(display, problem, "every feature cell needs a finite number: fill in "
-                       "(impute) the missing values or drop the row.", column=col, row=i + 1)
+            raise data_error(display, problem, "every feature cell needs a finite number: fill in "
+                             "(impute) the missing values or drop the row.", column=col, row=i + 1)
         x[:, j] = values
     return x
-
-
-def _numeric_or_fail(ser: pd.Series, col: object, display: str) -> np.ndarray:
-    text = ser.astype("string").str.strip()
-    try:
-        values = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-    except (TypeError, ValueError):
-        values = np.full(len(text), np.nan)
-    blank = (text.isna() | (text == "")).to_numpy(dtype=bool, na_value=True)
-    for i in np.flatnonzero(np.isnan(values) & ~blank):
-        value = text.iloc[i]
-        try:
-            values[i] = float(value)  # "nan", "1_000" and the like
-        except (TypeError, ValueError, OverflowError):
-            raise _err(display, f"the value {_show(str(value))} is not a number",
-                       "feature columns must be numeric: encode categories as numbers (e.g. "
-                       "one-hot columns) or drop the column.", column=col, row=int(i) + 1) from None
-    return values
 
 
 def _stratified_split(labels: np.ndarray, test_size: float, seed: int, display: str) -> np.ndarray:
     """train/test per row: ``test_size`` of each class to test (at random), the rest to train."""
     n = len(labels)
     if n < 2:
-        raise _err(display, f"there is {n} labelled row, too few to split into train and test",
-                   "add rows, or a split column with train and test rows.")
+        raise data_error(display, f"there is {n} labelled row, too few to split into train and "
+                         "test", "add rows, or a split column with train and test rows.")
     rng = np.random.default_rng(seed)
     split = np.full(n, "train", dtype=object)
     for c in np.unique(labels):

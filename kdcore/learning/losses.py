@@ -1,15 +1,16 @@
 """Distillation losses and the bias-aware wrapper: elimination, rectification, dynamic learning.
 
-Every base loss is registered as a *per-sample* function ``(student, teacher, targets, *,
-temperature, **options) -> (B,)`` whose batch mean equals the usual reduced loss. Per-sample
-values let one wrapper apply bias elimination (BE), rectification (BR) and the dynamic
-schedule (DL) to any base loss with either normalisation in a single pass. Adding a method is
-one function and one line in ``BASE_LOSSES``.
+Every distilling base loss is a :class:`Method` in ``METHODS``: a frozen dataclass whose fields
+are the method's own options (as an mdistiller distiller owns its config) and whose
+``per_sample`` loss has a batch mean equal to the usual reduced loss. Per-sample values let one
+wrapper apply bias elimination (BE), rectification (BR) and the dynamic schedule (DL) to any
+base loss with either normalisation in a single pass. Adding a method is one class here, one
+line in ``METHODS`` and its name in :data:`kdcore.learning.strategies.BASES`.
 
 Normalisation of the distillation term over a batch of B rows:
 
 * ``batch`` (default): every row weighs 1/B, wrong rows included; a batch with few wrong rows
-  gives each of them a small, stable weight. The study in METHOD.md found it equal or better
+  gives each of them a small, stable weight. The study in docs/method.md found it equal or better
   than ``subset`` everywhere it mattered.
 * ``subset`` (the paper's code): the right and the wrong rows are each averaged over their own
   count, so a lone wrong row weighs as much as all right rows together.
@@ -18,14 +19,21 @@ Normalisation of the distillation term over a batch of B rows:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from kdcore.errors import DataError
+from kdcore.learning.strategies import (  # noqa: F401  (moved there; kept importable here)
+    PARTS,
+    Strategy,
+    is_bias_aware,
+    parse_strategy,
+    strategy_order,
+)
 
 UNLABELLED = -1  # label value of transfer rows that carry teacher outputs only
 
@@ -69,10 +77,6 @@ def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, alp
     """Decoupled KD, batch mean (equals mdistiller's ``dkd_loss``)."""
     return dkd_per_sample(student_logits, teacher_logits, labels, temperature=temperature,
                           alpha=alpha, beta=beta).mean()
-
-
-BASE_LOSSES: dict[str, Callable[..., Tensor]] = {"kd": kd_per_sample, "dkd": dkd_per_sample}
-PARTS = ("be", "br", "dl", "lq")
 
 
 def swap_rectify(teacher_logits: Tensor, labels: Tensor, predicted: Tensor | None = None) -> Tensor:
@@ -153,77 +157,87 @@ def dynamic_weight(epoch: int, epochs: int) -> float:
 
 
 @dataclass(frozen=True)
-class Strategy:
-    """A base loss plus bias-aware parts, e.g. ``kd+be+br+dl``; ``ce`` trains on labels alone."""
+class Method:
+    """A distillation method; its dataclass fields are its options, with their defaults.
 
-    base: str
-    be: bool = False
-    br: bool = False
-    dl: bool = False
-    lq: bool = False  # label-quality aware: likely label errors are not rectified
-    normalisation: str = "batch"
+    ``distill`` gives the batch's weighted distillation term: each labelled row distilled with
+    :meth:`per_sample` from the teacher (rectified where ``swap`` says), each unlabelled row with
+    plain Hinton KD from the original teacher (no bias can be identified there).
+    """
 
-    @property
-    def name(self) -> str:
-        return "+".join([self.base] + [p for p in PARTS if getattr(self, p)])
+    def per_sample(self, student: Tensor, teacher: Tensor, targets: Tensor, *,
+                   temperature: float) -> Tensor:
+        raise NotImplementedError
 
-    @property
-    def bias_aware(self) -> bool:
-        return self.be or self.br
+    def weight(self, epoch: int) -> float:
+        """A factor on the whole distillation term at ``epoch`` (e.g. a warm-up)."""
+        return 1.0
 
-    @property
-    def distills(self) -> bool:
-        return self.base != "ce"
-
-
-BTKD = "btkd"  # the paper's exact recipe: kd+be+br+dl, subset normalisation, cos^2 to 0
-
-
-def parse_strategy(text: str, *, normalisation: str = "batch") -> Strategy:
-    """Parse ``base[+part...]`` (parts be, br, dl, lq in any order) or ``btkd``."""
-    text = text.strip().lower()
-    if text == BTKD:
-        return Strategy("kd", be=True, br=True, dl=True, normalisation="subset")
-    base, *parts = text.split("+")
-    if base not in ("ce", *BASE_LOSSES):
-        raise DataError(
-            f"unknown base loss {base!r} in strategy {text!r}; use ce, "
-            f"{', '.join(BASE_LOSSES)} or btkd, e.g. kd+be+br+dl"
-        )
-    unknown = [p for p in parts if p not in PARTS]
-    if unknown or len(set(parts)) != len(parts):
-        raise DataError(
-            f"bad parts {parts} in strategy {text!r}; each of {', '.join(PARTS)} at most once"
-        )
-    if base == "ce" and parts:
-        raise DataError(f"strategy {text!r}: ce trains on labels alone and takes no parts")
-    if "dl" in parts and not ({"be", "br"} & set(parts)):
-        raise DataError(f"strategy {text!r}: dl schedules be/br, so add +be or +br")
-    if "lq" in parts and not ({"be", "br"} & set(parts)):
-        raise DataError(f"strategy {text!r}: lq keeps likely label errors out of be/br, so add "
-                        "+be or +br")
-    if normalisation not in ("batch", "subset"):
-        raise DataError(f"normalisation {normalisation!r}: use batch or subset")
-    return Strategy(base, **{p: True for p in parts}, normalisation=normalisation)
+    def distill(self, student: Tensor, teacher: Tensor, labels: Tensor, *, temperature: float,
+                weights: Tensor | float, swap: tuple[Tensor, Tensor] | None
+                ) -> tuple[Tensor, Tensor]:
+        """``sum_i w_i * D_i`` and the detached per-sample ``D_i``."""
+        labelled = labels != UNLABELLED
+        rectified = swap_rectify(teacher, swap[1], swap[0]) if swap else teacher
+        per_sample = self.per_sample(student, rectified, labels.clamp(min=0),
+                                     temperature=temperature)
+        if not bool(labelled.all()):
+            transfer = kd_per_sample(student, teacher, temperature=temperature)
+            per_sample = torch.where(labelled, per_sample, transfer)
+        return (per_sample * weights).sum(), per_sample.detach()
 
 
-def is_bias_aware(name: str | None) -> bool:
-    """True for a strategy with bias elimination or rectification (btkd included)."""
-    try:
-        return bool(name) and parse_strategy(name).bias_aware
-    except DataError:
-        return False
+@dataclass(frozen=True)
+class KD(Method):
+    """Hinton KD (2015). Its options, temperature and lam, are every method's (TrainConfig)."""
+
+    def per_sample(self, student: Tensor, teacher: Tensor, targets: Tensor, *,
+                   temperature: float) -> Tensor:
+        return kd_per_sample(student, teacher, temperature=temperature)
+
+    def distill(self, student: Tensor, teacher: Tensor, labels: Tensor, *, temperature: float,
+                weights: Tensor | float, swap: tuple[Tensor, Tensor] | None
+                ) -> tuple[Tensor, Tensor]:
+        """One autograd node (:func:`weighted_kd`); unlabelled rows are never swapped."""
+        return weighted_kd(student, teacher, temperature=temperature, weights=weights, swap=swap)
 
 
-_BASE_RANK = {"ce": 0, "kd": 1, "btkd": 2, "dkd": 3}
+@dataclass(frozen=True)
+class DKD(Method):
+    """Decoupled KD (Zhao et al. 2022) with mdistiller's defaults: alpha * TCKD + beta * NCKD,
+    the whole term warmed up linearly over ``warmup`` epochs (0: no warm-up)."""
+
+    alpha: float = 1.0
+    beta: float = 8.0
+    warmup: int = 20
+
+    def per_sample(self, student: Tensor, teacher: Tensor, targets: Tensor, *,
+                   temperature: float) -> Tensor:
+        return dkd_per_sample(student, teacher, targets, temperature=temperature,
+                              alpha=self.alpha, beta=self.beta)
+
+    def weight(self, epoch: int) -> float:
+        """mdistiller's 1-based warm-up: ``min((epoch + 1) / warmup, 1)``."""
+        return min((epoch + 1) / self.warmup, 1.0) if self.warmup > 0 else 1.0
 
 
-def strategy_order(names: Sequence[str]) -> list[str]:
-    """Reading order: ce, kd and its variants (fewest parts first), btkd, dkd and its variants."""
-    def key(name: str) -> tuple:
-        base, *parts = str(name).split("+")
-        return (_BASE_RANK.get(base, 4), len(parts), str(name))
-    return sorted(names, key=key)
+METHODS: dict[str, type[Method]] = {"kd": KD, "dkd": DKD}  # one per distilling base
+
+
+def method_for(base: str, options: Mapping | None = None) -> Method:
+    """The method of base loss ``base`` with ``options`` over its defaults.
+
+    Raises DataError for a base that does not distil or an option the method does not have.
+    """
+    if base not in METHODS:
+        raise DataError(f"base loss {base!r} does not distil; use one of {', '.join(METHODS)}")
+    cls = METHODS[base]
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(options or {}) - set(known))
+    if unknown:
+        takes = f"takes {', '.join(known)}" if known else "takes no options"
+        raise DataError(f"{base} has no option {', '.join(unknown)}; it {takes}")
+    return cls(**(options or {}))
 
 
 @dataclass(frozen=True)
@@ -273,17 +287,17 @@ class LossParts:
 
 def strategy_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *,
                   strategy: Strategy, epoch: int, epochs: int, temperature: float = 4.0,
-                  lam: float = 0.5, dkd_alpha: float = 1.0, dkd_beta: float = 8.0,
-                  dkd_warmup: int = 20, suspect: Tensor | None = None,
-                  drop_ce: bool = False, teacher_predicted: Tensor | None = None) -> LossParts:
+                  lam: float = 0.5, method: Method | None = None,
+                  suspect: Tensor | None = None, drop_ce: bool = False,
+                  teacher_predicted: Tensor | None = None) -> LossParts:
     """``lam * CE + (1 - lam) * D`` for one batch; rows with label -1 are unlabelled transfer data.
 
-    D is the base distillation loss with the strategy's parts: right rows weigh ``b``, wrong
-    rows (teacher argmax != label) are dropped (BE) or distilled from the swapped teacher (BR)
-    with weight ``1 - b``; ``b`` follows ``dynamic_weight`` with DL and both weights are 1
-    without it. Unlabelled rows always get plain Hinton KD (no bias can be identified there).
-    It is one weighted sum of one per-sample loss, whatever the parts; for the ``kd`` base it
-    is one autograd node (:func:`weighted_kd`).
+    D is the base distillation loss (``method``, by default the strategy's base with its
+    default options) with the strategy's parts: right rows weigh ``b``, wrong rows (teacher
+    argmax != label) are dropped (BE) or distilled from the swapped teacher (BR) with weight
+    ``1 - b``; ``b`` follows ``dynamic_weight`` with DL and both weights are 1 without it.
+    Unlabelled rows always get plain Hinton KD (no bias can be identified there). It is one
+    weighted sum of one per-sample loss, whatever the parts (see :meth:`Method.distill`).
 
     ``teacher_predicted`` is the teacher's argmax per row, if the caller has it: a frozen
     teacher's logits and so its argmax do not change, so training computes it once per run.
@@ -331,20 +345,11 @@ def strategy_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor
     else:  # right rows w_right, wrong rows w_wrong, unlabelled rows 1
         weights = torch.where(wrong, w_wrong / n, torch.where(labelled, w_right / n, 1.0 / n))
 
-    if strategy.base == "kd":  # unlabelled rows get plain KD too, as swap leaves them alone
-        distill, per_sample = weighted_kd(student_logits, teacher_logits,
-                                          temperature=temperature, weights=weights, swap=swap)
-    else:
-        teacher = swap_rectify(teacher_logits, swap[1], swap[0]) if swap else teacher_logits
-        options = {"alpha": dkd_alpha, "beta": dkd_beta} if strategy.base == "dkd" else {}
-        per_sample = BASE_LOSSES[strategy.base](student_logits, teacher, labels.clamp(min=0),
-                                                temperature=temperature, **options)
-        if not bool(labelled.all()):
-            transfer_ps = kd_per_sample(student_logits, teacher_logits, temperature=temperature)
-            per_sample = torch.where(labelled, per_sample, transfer_ps)
-        distill = (per_sample * weights).sum()
-        per_sample = per_sample.detach()
-    if strategy.base == "dkd" and dkd_warmup > 0:
-        distill = distill * min((epoch + 1) / dkd_warmup, 1.0)  # mdistiller's 1-based warm-up
+    method = method if method is not None else method_for(strategy.base)
+    distill, per_sample = method.distill(student_logits, teacher_logits, labels,
+                                         temperature=temperature, weights=weights, swap=swap)
+    scale = method.weight(epoch)
+    if scale != 1.0:
+        distill = distill * scale
     total = torch.where(n_labelled > 0, lam * ce + (1.0 - lam) * distill, distill)
     return LossParts(total, b, per_sample, ce.detach(), labelled, wrong, scales)

@@ -13,25 +13,28 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from kdcore.data.bundles import Bundle, load_dataset
+from kdcore.data import Dataset, load_dataset
 from kdcore.errors import DataError, KDCoreError
 from kdcore.learning.distributed import any_across, gather_rows, rank_and_world, sum_across
-from kdcore.learning.losses import UNLABELLED, Strategy, parse_strategy, strategy_loss
+from kdcore.learning.losses import (
+    UNLABELLED,
+    LossParts,
+    Method,
+    Strategy,
+    method_for,
+    parse_strategy,
+    strategy_loss,
+)
 from kdcore.learning.models import build_model, count_parameters
-
-if TYPE_CHECKING:
-    from kdcore.data.tabular import TabularDataset
-
-    Dataset = Bundle | TabularDataset  # the training interface: a bundle or a tabular file
 
 
 class Cancelled(KDCoreError):
@@ -55,9 +58,6 @@ class TrainConfig:
     weight_decay: float = 0.0
     temperature: float = 4.0
     lam: float = 0.5
-    dkd_alpha: float = 1.0
-    dkd_beta: float = 8.0
-    dkd_warmup: int = 20
     device: str = "cpu"
     # How to reload a tabular dataset (label_column, teacher_logits, split_column, test_size,
     # split_seed, hidden); empty for a bundle folder. See kdcore.data.bundles.load_dataset.
@@ -69,6 +69,13 @@ class TrainConfig:
     label_overrides: dict = field(default_factory=dict)
     # bfloat16 autocast for the student's forward pass on CUDA (the loss stays in float32)
     amp: bool = False
+    # The base loss's own options (e.g. dkd's alpha, beta, warmup; see losses.METHODS), filled
+    # with the method's defaults; empty for ce and kd, which have none.
+    method_options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        method = self.method()
+        self.method_options = {} if method is None else asdict(method)
 
     @classmethod
     def for_bundle(cls, bundle: Dataset, **overrides) -> TrainConfig:
@@ -77,7 +84,7 @@ class TrainConfig:
         values = {k: v for k, v in bundle.training_defaults.items() if k in known}
         values.update({k: v for k, v in overrides.items() if v is not None})
         values["bundle"] = str(bundle.path)
-        values["data_options"] = dict(getattr(bundle, "data_options", None) or {})
+        values["data_options"] = dict(bundle.data_options)
         config = cls(**values)
         config.strategy = config.parsed().name if config.strategy != "btkd" else "btkd"
         if config.strategy == "btkd":
@@ -87,6 +94,16 @@ class TrainConfig:
     def parsed(self) -> Strategy:
         return parse_strategy(self.strategy, normalisation=self.normalisation)
 
+    def method(self) -> Method | None:
+        """The base loss with this config's options over its defaults; None for ce."""
+        strategy = self.parsed()
+        if strategy.distills:
+            return method_for(strategy.base, self.method_options)
+        if self.method_options:
+            raise DataError(f"strategy {self.strategy} trains on labels alone and takes no "
+                            f"method options, not {', '.join(self.method_options)}")
+        return None
+
     def to_dict(self) -> dict:
         """The config as stored with the run. Empty ``data_options`` (a bundle) are left out, so
         a bundle run's config, and the key that finds identical runs, stay as before."""
@@ -95,6 +112,13 @@ class TrainConfig:
         for key in ("data_options", "label_overrides", "lq_drop_ce", "amp"):
             if not values[key]:
                 del values[key]
+        # so are a method's options at their defaults, which keeps kd and dkd runs of equal
+        # settings in one comparison (kdcore.store.runs migrates older stores to this shape)
+        method = self.method()
+        if method is None or method == type(method)():
+            del values["method_options"]
+        else:
+            values["method_options"] = asdict(method)
         return values
 
 
@@ -127,6 +151,148 @@ def _make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
     raise DataError(f"optimizer {config.optimizer!r}: use adam or sgd")
 
 
+def _make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig,
+                   total_steps: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """Cosine decay to 0 over the run's steps, or None for a constant rate."""
+    if config.lr_schedule != "cosine":
+        return None
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+
+
+class Batch(NamedTuple):
+    """Rows of one step: inputs, labels (-1 on transfer rows), the teacher's logits and argmax,
+    and the likely-label-error flags of ``+lq``; a field a strategy does not use is None."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    teacher: torch.Tensor | None
+    teacher_argmax: torch.Tensor | None
+    suspect: torch.Tensor | None
+
+    def take(self, index: torch.Tensor) -> Batch:
+        return Batch(*(None if t is None else t[index] for t in self))
+
+    def join(self, other: Batch) -> Batch:
+        """These rows, then ``other``'s."""
+        return Batch(*(None if a is None else torch.cat([a, b])
+                       for a, b in zip(self, other, strict=True)))
+
+    def share(self, rank: int, world: int) -> Batch:
+        """This rank's strided share of a global batch."""
+        return Batch(*(None if t is None else t[rank::world] for t in self))
+
+
+def _on(device: torch.device, array: np.ndarray | None,
+        dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    return None if array is None else torch.as_tensor(array, dtype=dtype, device=device)
+
+
+def _rows(device: torch.device, inputs: np.ndarray, labels: np.ndarray | None,
+          teacher: np.ndarray | None, suspect: np.ndarray | None) -> Batch:
+    """All rows of a split on the device; labels None: transfer rows, unlabelled (-1)."""
+    x = _on(device, inputs)
+    y = (torch.full((len(x),), UNLABELLED, dtype=torch.long, device=device) if labels is None
+         else _on(device, labels, torch.long))
+    logits = _on(device, teacher)
+    # The teacher is frozen, so its argmax per row is fixed: found once here, not every step.
+    argmax = None if logits is None else logits.argmax(1)
+    return Batch(x, y, logits, argmax, _on(device, suspect, torch.bool))
+
+
+class Batches:
+    """The seeded batches of a run, the same on every rank.
+
+    Each step takes the next ``batch_size`` labelled rows of a permutation (a new one when a
+    pass ends; the last batch of a pass may be short) and, when the strategy distils and there
+    are transfer rows, ``transfer_batch_size`` rows of this epoch's permutation of those after
+    them. An epoch is one pass over the larger of the two, whatever the strategy, so every
+    strategy takes the same steps and draws the same permutations for a seed.
+    """
+
+    def __init__(self, labelled: Batch, transfer: Batch | None, *, batch_size: int,
+                 transfer_batch_size: int, mix_transfer: bool, generator: torch.Generator):
+        self.labelled, self.transfer, self.generator = labelled, transfer, generator
+        self.n_labelled = len(labelled.inputs)
+        self.n_transfer = 0 if transfer is None else len(transfer.inputs)
+        self.batch_size = min(batch_size, self.n_labelled)
+        self.transfer_batch_size = transfer_batch_size
+        self.mix_transfer = mix_transfer and self.n_transfer > 0
+        self.steps_per_epoch = max(
+            math.ceil(self.n_labelled / self.batch_size),
+            math.ceil(self.n_transfer / transfer_batch_size) if self.n_transfer else 0)
+        self._order = torch.randperm(self.n_labelled, generator=generator)
+        self._next = 0  # position in ``_order`` of the next labelled row
+
+    def epoch(self) -> Iterator[Batch]:
+        """The batches of one epoch; this epoch's order of the transfer rows is drawn first."""
+        transfer_order = (torch.randperm(self.n_transfer, generator=self.generator)
+                          if self.n_transfer else None)
+        device = self.labelled.inputs.device
+        for step in range(self.steps_per_epoch):
+            if self._next >= self.n_labelled:
+                self._order, self._next = torch.randperm(self.n_labelled,
+                                                         generator=self.generator), 0
+            rows = self._order[self._next : self._next + self.batch_size]
+            self._next += self.batch_size
+            batch = self.labelled.take(rows.to(device))
+            if self.mix_transfer:
+                start = (step * self.transfer_batch_size) % self.n_transfer
+                rows = transfer_order[start : start + self.transfer_batch_size]
+                batch = batch.join(self.transfer.take(rows.to(device)))
+            yield batch
+
+
+def train_step(net: torch.nn.Module, batch: Batch, config: TrainConfig, *, strategy: Strategy,
+               method: Method | None, epoch: int, optimizer: torch.optim.Optimizer,
+               schedule: torch.optim.lr_scheduler.LRScheduler | None) -> LossParts:
+    """One optimiser step on one batch; returns its loss and the loss's parts."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.amp):
+        logits = net(batch.inputs)
+    parts = strategy_loss(
+        logits.float(), batch.teacher if batch.teacher is not None else logits.detach(),
+        batch.labels, strategy=strategy, epoch=epoch, epochs=config.epochs,
+        temperature=config.temperature, lam=config.lam, method=method, suspect=batch.suspect,
+        drop_ce=config.lq_drop_ce, teacher_predicted=batch.teacher_argmax)
+    if not torch.isfinite(parts.total):
+        raise KDCoreError(f"loss became {float(parts.total)} at epoch {epoch}; lower --lr")
+    optimizer.zero_grad(set_to_none=True)
+    parts.total.backward()
+    optimizer.step()
+    if schedule is not None:
+        schedule.step()
+    return parts
+
+
+def epoch_metrics(loss_sum: torch.Tensor, steps: int, last: LossParts,
+                  optimizer: torch.optim.Optimizer, world: int) -> dict:
+    """The epoch's mean loss and, read only once, the parts of its last batch, over all ranks."""
+    keys = ("ce", "right", "rect", "transfer", "n_wrong")
+    values = sum_across([float(loss_sum) / steps] + [float(getattr(last, k)) for k in keys])
+    metrics = {"loss": values[0] / world}
+    metrics.update({k: v / world for k, v in zip(keys, values[1:], strict=True)})
+    metrics["n_wrong"] = values[-1]  # a count: summed over ranks, not averaged
+    metrics["b"] = last.b
+    metrics["lr"] = optimizer.param_groups[0]["lr"]
+    return metrics
+
+
+def evaluate(model: torch.nn.Module, x_test: torch.Tensor, y_test: torch.Tensor, rank: int,
+             world: int) -> tuple[float, np.ndarray]:
+    """Test accuracy and every test row's logits; each rank predicts its strided share."""
+    local = predict(model, x_test[rank::world])
+    correct = sum_across([float((local.argmax(1) == y_test[rank::world]).sum())])[0]
+    return correct / len(y_test), gather_rows(local, rank, world).cpu().numpy()
+
+
+def _stop_if_cancelled(should_cancel: Callable[[], bool] | None, world: int, step: int,
+                       total: int) -> None:
+    """Raise Cancelled once a cancel is requested (on any rank: all ranks stop together)."""
+    cancel = should_cancel is not None and should_cancel()
+    if any_across(cancel) if world > 1 else cancel:
+        raise Cancelled(f"cancelled at step {step} of {total}")
+
+
 def fit(model: torch.nn.Module, config: TrainConfig, *, x_train: np.ndarray, y_train: np.ndarray,
         teacher_train: np.ndarray | None = None, x_transfer: np.ndarray | None = None,
         teacher_transfer: np.ndarray | None = None, x_test: np.ndarray | None = None,
@@ -146,96 +312,42 @@ def fit(model: torch.nn.Module, config: TrainConfig, *, x_train: np.ndarray, y_t
                         "drop --amp or use --device cuda")
     rank, world = rank_and_world()
     torch.manual_seed(config.seed)
-    gen = torch.Generator().manual_seed(config.seed)  # the same global batches on every rank
+    order = torch.Generator().manual_seed(config.seed)  # the same global batches on every rank
     model.to(device).train()
     net = model if world == 1 else DistributedDataParallel(model)
 
-    def tensor(a, dtype=torch.float32):
-        return None if a is None else torch.as_tensor(a, dtype=dtype, device=device)
-
-    xs, ys, ts = tensor(x_train), tensor(y_train, torch.long), tensor(teacher_train)
-    xu, tu = tensor(x_transfer), tensor(teacher_transfer)
-    # The teacher is frozen, so its argmax per row is fixed: found once here, not every step.
-    tps, tpu = (None if t is None else t.argmax(1) for t in (ts, tu))
-    ss = (tensor(suspect_train, torch.bool)
-          if strategy.lq and suspect_train is not None else None)
-    xt, yt = tensor(x_test), tensor(y_test, torch.long)
-    n, nu = len(xs), 0 if xu is None else len(xu)
-    bs, bu = min(config.batch_size, n), config.unlabelled_batch_size
-    steps_per_epoch = max(math.ceil(n / bs), math.ceil(nu / bu) if nu else 0)
-    total = steps_per_epoch * config.epochs
-    opt = _make_optimizer(model, config)
-    sched = (torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-        if config.lr_schedule == "cosine" else None)
+    suspect = suspect_train if strategy.lq else None
+    labelled = _rows(device, x_train, y_train, teacher_train, suspect)
+    transfer = None if x_transfer is None else _rows(
+        device, x_transfer, None, teacher_transfer,
+        None if suspect is None else np.zeros(len(x_transfer), dtype=bool))
+    batches = Batches(labelled, transfer, batch_size=config.batch_size,
+                      transfer_batch_size=config.unlabelled_batch_size,
+                      mix_transfer=strategy.distills, generator=order)
+    x_test_rows, y_test_rows = _on(device, x_test), _on(device, y_test, torch.long)
+    total = batches.steps_per_epoch * config.epochs
+    optimizer = _make_optimizer(model, config)
+    schedule = _make_schedule(optimizer, config, total)
+    method = config.method()
 
     result, step, started = FitResult(), 0, time.perf_counter()
-    labelled_order, labelled_pos = torch.randperm(n, generator=gen), 0
     for epoch in range(config.epochs):
-        transfer_order = torch.randperm(nu, generator=gen) if nu else None
         loss_sum = torch.zeros((), device=device)
-        for i in range(steps_per_epoch):
-            cancel = should_cancel is not None and should_cancel()
-            if any_across(cancel) if world > 1 else cancel:
-                raise Cancelled(f"cancelled at step {step} of {total}")
-            if labelled_pos >= n:  # a new pass over the labelled rows; the last batch may be short
-                labelled_order, labelled_pos = torch.randperm(n, generator=gen), 0
-            idx = labelled_order[labelled_pos : labelled_pos + bs].to(device)
-            labelled_pos += bs
-            inputs, labels = xs[idx], ys[idx]
-            teacher = ts[idx] if ts is not None else None
-            predicted = tps[idx] if tps is not None else None
-            suspect = ss[idx] if ss is not None else None
-            if nu and strategy.distills:
-                uidx = transfer_order[(i * bu) % nu : (i * bu) % nu + bu].to(device)
-                inputs = torch.cat([inputs, xu[uidx]])
-                labels = torch.cat([labels, torch.full((len(uidx),), UNLABELLED, device=device)])
-                teacher = torch.cat([teacher, tu[uidx]])
-                predicted = torch.cat([predicted, tpu[uidx]])
-                if suspect is not None:
-                    suspect = torch.cat([suspect, torch.zeros(len(uidx), dtype=torch.bool,
-                                                              device=device)])
-            if world > 1:  # this rank's strided share of the global batch
-                inputs, labels, teacher, predicted, suspect = (
-                    None if t is None else t[rank::world]
-                    for t in (inputs, labels, teacher, predicted, suspect))
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.amp):
-                logits = net(inputs)
-            parts = strategy_loss(
-                logits.float(), teacher if teacher is not None else logits.detach(), labels,
-                strategy=strategy, epoch=epoch, epochs=config.epochs,
-                temperature=config.temperature, lam=config.lam, dkd_alpha=config.dkd_alpha,
-                dkd_beta=config.dkd_beta, dkd_warmup=config.dkd_warmup, suspect=suspect,
-                drop_ce=config.lq_drop_ce, teacher_predicted=predicted)
-            if not torch.isfinite(parts.total):
-                raise KDCoreError(f"loss became {float(parts.total)} at epoch {epoch}; lower --lr")
-            opt.zero_grad(set_to_none=True)
-            parts.total.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
+        for batch in batches.epoch():
+            _stop_if_cancelled(should_cancel, world, step, total)
+            parts = train_step(net, batch if world == 1 else batch.share(rank, world), config,
+                               strategy=strategy, method=method, epoch=epoch,
+                               optimizer=optimizer, schedule=schedule)
             step += 1
             loss_sum += parts.total.detach()
             if on_progress is not None and step % progress_every == 0:
                 on_progress(step, total, None)
-        # the epoch's mean loss, and its parts on the epoch's last batch (read only once)
-        keys = ("ce", "right", "rect", "transfer", "n_wrong")
-        values = sum_across([float(loss_sum) / steps_per_epoch]
-                            + [float(getattr(parts, k)) for k in keys])
-        metrics = {"loss": values[0] / world}
-        metrics.update({k: v / world for k, v in zip(keys, values[1:], strict=True)})
-        metrics["n_wrong"] = values[-1]  # a count: summed over ranks, not averaged
-        metrics["b"] = parts.b
-        metrics["lr"] = opt.param_groups[0]["lr"]
-        if xt is not None:
-            local = predict(model, xt[rank::world])
-            correct = sum_across([float((local.argmax(1) == yt[rank::world]).sum())])[0]
-            acc = correct / len(yt)
-            test_logits = gather_rows(local, rank, world)
-            metrics["test_accuracy"] = acc
-            if acc > result.best_test_accuracy or result.best_epoch < 0:
-                result.best_test_accuracy, result.best_epoch = acc, epoch
-            result.test_logits = test_logits.cpu().numpy()
+        metrics = epoch_metrics(loss_sum, batches.steps_per_epoch, parts, optimizer, world)
+        if x_test_rows is not None:
+            accuracy, result.test_logits = evaluate(model, x_test_rows, y_test_rows, rank, world)
+            metrics["test_accuracy"] = accuracy
+            if accuracy > result.best_test_accuracy or result.best_epoch < 0:
+                result.best_test_accuracy, result.best_epoch = accuracy, epoch
         metrics["epoch"] = epoch
         result.history.append(metrics)
         if on_progress is not None:
@@ -272,7 +384,7 @@ def per_class_accuracy(pred: np.ndarray, labels: np.ndarray, class_names: list[s
             for i, name in enumerate(class_names)}
 
 
-def evaluate(test_logits: np.ndarray, bundle: Dataset) -> dict:
+def final_metrics(test_logits: np.ndarray, bundle: Dataset) -> dict:
     """Final metrics of a student against the bundle's test labels and teacher."""
     labels = bundle.y("test")
     pred = test_logits.argmax(1)
@@ -308,7 +420,7 @@ def train_student(config: TrainConfig, bundle: Dataset | None = None, *,
         teacher_transfer=bundle.teacher_logits("unlabelled") if has_transfer else None,
         x_test=bundle.x("test"), y_test=bundle.y("test"), suspect_train=suspect,
         on_progress=on_progress, should_cancel=should_cancel)
-    metrics = evaluate(result.test_logits, bundle)
+    metrics = final_metrics(result.test_logits, bundle)
     metrics.update(lq_info)
     metrics.update(
         best_test_accuracy=result.best_test_accuracy,
@@ -330,11 +442,10 @@ def likely_label_errors(bundle: Dataset, overrides: dict | None = None,
     kdcore.analysis.label_quality); the user's overrides win. When the rows cannot be assessed
     nothing is flagged and the summary says why.
     """
-    from kdcore.analysis.label_quality import assess
-    from kdcore.store.overrides import sample_keys
+    from kdcore.analysis.label_quality import assess, sample_keys
 
     y = bundle.y("train")
-    ids = bundle.sample_ids("train") if hasattr(bundle, "sample_ids") else None
+    ids = bundle.sample_ids("train")
     lq = assess(y, bundle.teacher_logits("train"), class_names=bundle.class_names,
                 features=bundle.x("train"), keys=sample_keys(len(y), "train", ids),
                 overrides=overrides)

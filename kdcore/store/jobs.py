@@ -1,32 +1,44 @@
-"""Start, run and cancel training jobs. Each job is its own process that writes to the store.
+"""Training jobs: queue runs, start them a few at a time in detached processes, cancel them.
 
-The app and the CLI call ``start_job`` (a detached ``python -m kdcore.store.jobs RUN_ID`` process,
-which outlives the browser tab and the app) or ``execute_run`` in the current process; either
-way progress, per-epoch metrics and the final result go to the run store, so any reader sees
-them. ``cancel_job`` asks the process to stop; it checks between batches.
+A queued run is a row with status ``queued`` and no pid (``RunStore.create(queue=True)``).
+:func:`start_queued` claims the oldest ones, under a lock file so two launchers never start the
+same run, and starts each in its own detached ``python -m kdcore job RUN_ID`` process while
+fewer than ``max_jobs`` (default: one per core) run on this host. Every job, when it ends,
+calls it again, so the queue drains by itself: no daemon, no open app or browser tab needed.
+Progress, per-epoch metrics and the final result go to the run store, so any reader sees them;
+:func:`cancel_job` asks a job to stop (it checks between batches).
+
+The CLI trains in its own process pool instead (:func:`kdcore.value.compare.run_all`); its
+workers call :func:`exit_with_parent`, so a killed CLI leaves none behind.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
+import fcntl
 import os
+import socket
 import subprocess
 import sys
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from kdcore.data.bundles import load_dataset
-from kdcore.errors import KDCoreError
+from kdcore.errors import DataError, KDCoreError
 from kdcore.errors import report as report_error
 from kdcore.learning.allocator import keep_freed_memory
 from kdcore.learning.distributed import init_process_group, rank_and_world, shutdown
 from kdcore.learning.train import Cancelled, TrainConfig, save_artifacts, train_student
 from kdcore.store import overrides as label_overrides
-from kdcore.store.runs import RunStore
+from kdcore.store.runs import RunStore, config_key
 
 LOG_FILE = "job.log"
+LOCK_FILE = "jobs.lock"
 
 
 def execute_run(run_id: str, *, workspace: str | Path | None = None, threads: int = 1,
@@ -107,20 +119,138 @@ def execute_distributed(run_id: str, workspace: str, threads: int, device: str,
         shutdown()
 
 
-def start_job(config: TrainConfig, *, workspace: str | Path | None = None) -> str:
-    """Queue a run and train it in a detached process; returns the run id at once."""
+def default_max_jobs() -> int:
+    """One job per core: each trains on one thread (see :func:`execute_run`)."""
+    return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class Work:
+    """What queueing some configs means: the ones to train, and why the others are skipped."""
+
+    todo: list[TrainConfig]
+    in_flight: int  # identical to a queued or running run
+    reused: int  # identical to a finished run
+
+
+def plan_work(store: RunStore, configs: Sequence[TrainConfig], *, reuse: bool = True) -> Work:
+    """Split ``configs`` into the runs to train and the ones that would duplicate a run.
+
+    A config identical to a queued or running run is never trained twice; with ``reuse``, one
+    identical to a finished run is skipped too (training is deterministic per seed). Each
+    config records its label overrides first (``+lq``), so a changed override is new work.
+    """
+    for config in configs:
+        label_overrides.attach(config, store.workspace)
+    flying = {r.config_key for r in store.list(status=["queued", "running"])}
+    todo = [c for c in configs if config_key(c.to_dict()) not in flying]
+    in_flight = len(configs) - len(todo)
+    if reuse:
+        todo = [c for c in todo if store.find_done(c.to_dict()) is None]
+    return Work(todo, in_flight, len(configs) - in_flight - len(todo))
+
+
+def queue_runs(configs: Sequence[TrainConfig], *, workspace: str | Path | None = None,
+               reuse: bool = True, max_jobs: int | None = None) -> list[str]:
+    """Queue the configs that are new work (:func:`plan_work`) and start what the limit
+    allows; returns the queued run ids, in the order they will start."""
+    store = RunStore(workspace)
+    return _enqueue(store, plan_work(store, configs, reuse=reuse).todo, max_jobs)
+
+
+def start_job(config: TrainConfig, *, workspace: str | Path | None = None,
+              max_jobs: int | None = None) -> str:
+    """Queue one run, identical ones notwithstanding, and start it when a slot is free."""
     store = RunStore(workspace)
     label_overrides.attach(config, store.workspace)
-    run_id = store.create(config.to_dict())
-    log = (store.artifact_dir(run_id) / LOG_FILE).open("ab")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    subprocess.Popen(
-        [sys.executable, "-m", "kdcore.store.jobs", run_id, "--workspace", str(store.workspace)],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True, env=env,
-    )
-    log.close()
-    return run_id
+    return _enqueue(store, [config], max_jobs)[0]
+
+
+def _enqueue(store: RunStore, configs: Sequence[TrainConfig], max_jobs: int | None) -> list[str]:
+    """Seed-major (every strategy of seed 0, then of seed 1, ...; the given order within a
+    seed), so a comparison gains all its strategies early and then more seeds of each."""
+    ordered = sorted(configs, key=lambda c: c.seed)
+    ids = [store.create(c.to_dict(), queue=True) for c in ordered]
+    start_queued(store.workspace, max_jobs=max_jobs)
+    return ids
+
+
+def start_queued(workspace: str | Path | None = None, *, max_jobs: int | None = None
+                 ) -> list[str]:
+    """Start the oldest queued runs while fewer than ``max_jobs`` run on this host; returns
+    the ids started.
+
+    Jobs call this as they end; anyone may call it again (the Train and Overview pages do),
+    e.g. after a job was killed before it could start the next.
+    """
+    store = RunStore(workspace)
+    limit = max_jobs or default_max_jobs()
+    host = socket.gethostname()
+    started: list[str] = []
+    with _queue_lock(store.workspace):
+        running = sum(r.host == host for r in store.list(status="running"))
+        waiting = [r for r in reversed(store.list(status="queued")) if r.pid is None]
+        for run in waiting:
+            if running + len(started) >= limit:
+                break
+            try:
+                store.start(run.id)  # claimed by this process until its job has a pid
+            except DataError:  # cancelled since the list was read
+                continue
+            try:
+                pid = _spawn(store, run.id, limit)
+            except OSError as exc:
+                store.fail(run.id, f"could not start its job process: {exc}")
+                raise
+            store.start(run.id, pid=pid)
+            started.append(run.id)
+    return started
+
+
+@contextlib.contextmanager
+def _queue_lock(workspace: Path) -> Iterator[None]:
+    """One launcher at a time per workspace (released by the OS if its holder dies)."""
+    with (workspace / LOCK_FILE).open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _spawn(store: RunStore, run_id: str, max_jobs: int) -> int:
+    """A detached job process for one claimed run (its own session, so it outlives the app
+    and the browser tab); its output goes to the run's ``job.log``. Returns its pid."""
+    with (store.artifact_dir(run_id) / LOG_FILE).open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kdcore", "job", run_id, "--workspace", str(store.workspace),
+             "--max-jobs", str(max_jobs)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    return proc.pid
+
+
+def run_job(run_id: str, *, workspace: str | Path | None = None,
+            max_jobs: int | None = None) -> int:
+    """The body of a job process: train the run, then start the next queued one. Returns the
+    exit status (a failed run's error is in the store and on stderr, i.e. its job.log)."""
+    try:
+        execute_run(run_id, workspace=workspace)
+    except Cancelled:
+        return 0
+    except KDCoreError as exc:
+        return report_error(exc)
+    finally:
+        start_queued(workspace, max_jobs=max_jobs)
+    return 0
+
+
+def exit_with_parent(parent_pid: int, interval_s: float = 1.0) -> None:
+    """Pool-worker initializer: end this process once its parent is gone, so a killed CLI
+    leaves no worker training on (its run is then reaped as interrupted)."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(interval_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def cancel_job(run_id: str, *, workspace: str | Path | None = None) -> str:
@@ -130,22 +260,3 @@ def cancel_job(run_id: str, *, workspace: str | Path | None = None) -> str:
     if store.get(run_id).status == "queued":
         store.mark_cancelled(run_id)
     return run_id
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kdcore.store.jobs",
-                                     description="Train one queued run (used by start_job).")
-    parser.add_argument("run_id")
-    parser.add_argument("--workspace")
-    args = parser.parse_args(argv)
-    try:
-        execute_run(args.run_id, workspace=args.workspace)
-    except Cancelled:
-        return 0
-    except KDCoreError as exc:
-        return report_error(exc)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,25 +3,24 @@
 Stored in ``<workspace>/label_overrides.sqlite`` (its own small file, so the run store's schema
 is untouched): one row per (source, sample_key). ``source`` is the data source's name (a
 bundle's name, a table's file name); ``sample_key`` is the row's ``sample_id`` when the data has
-one, else ``<split>:<row within the split>`` (``row:<i>`` without a split column). Overrides
-win over the detection in :mod:`kdcore.analysis.label_quality`, in the analysis and in training with
-``+lq`` (a run records the overrides it used in its config).
+one, else ``<split>:<row within the split>`` (``row:<i>`` without a split column; see
+:func:`kdcore.analysis.label_quality.sample_keys`). Overrides win over the detection in
+:mod:`kdcore.analysis.label_quality`, in the analysis and in training with ``+lq`` (a run
+records the overrides it used in its config).
 
 Reading never creates the file; an absent file means no overrides.
 """
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from contextlib import closing
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-
 from kdcore.analysis.label_quality import VERDICTS
 from kdcore.errors import DataError
+from kdcore.workspace import resolve_workspace
 
 FILE_NAME = "label_overrides.sqlite"
 SCHEMA = """
@@ -36,13 +35,8 @@ CREATE TABLE IF NOT EXISTS label_overrides (
 
 
 def _path(workspace: str | Path | None) -> Path:
-    """The file's path, without creating the workspace (resolve_workspace would)."""
-    from kdcore.store.runs import ENV_HOME
-
-    if workspace is None or str(workspace) == "":
-        env = os.environ.get(ENV_HOME, "").strip()
-        workspace = env if env else Path.cwd() / ".kdcore"
-    return Path(workspace).expanduser().resolve() / FILE_NAME
+    """The file's path, without creating the workspace (reading must leave no folder behind)."""
+    return resolve_workspace(workspace, create=False) / FILE_NAME
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -80,14 +74,6 @@ def set_override(workspace: str | Path | None, source: str, sample_key: str,
                 "verdict = excluded.verdict, updated_at = excluded.updated_at",
                 (source, str(sample_key), verdict,
                  datetime.now(timezone.utc).isoformat(timespec="seconds")))
-
-
-def sample_keys(n: int, split: str | None, sample_id: np.ndarray | None = None) -> np.ndarray:
-    """The override keys of ``n`` rows of one split, in row order."""
-    if sample_id is not None:
-        return np.asarray([str(s) for s in sample_id], dtype=object)
-    prefix = split if split else "row"
-    return np.asarray([f"{prefix}:{i}" for i in range(n)], dtype=object)
 
 
 def attach(config, workspace: str | Path | None):

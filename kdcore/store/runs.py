@@ -1,6 +1,6 @@
 """The run store: one SQLite database (WAL mode) plus an artifacts folder per run.
 
-Layout of a workspace (default ``./.kdcore``, else ``$KDCORE_HOME``, else ``--workspace``)::
+Layout of a workspace (folder chosen by :func:`kdcore.workspace.resolve_workspace`)::
 
     <workspace>/runs.sqlite          runs + per-epoch metrics (plus -wal / -shm while in use)
     <workspace>/runs/<run_id>/       artifacts of one run (test predictions, weights, CANCEL, ...)
@@ -39,7 +39,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ from typing import Any
 import pandas as pd
 
 from kdcore.errors import DataError, KDCoreError
+from kdcore.workspace import resolve_workspace
 
 __all__ = [
     "CANCEL_FILE",
@@ -65,11 +66,10 @@ __all__ = [
 
 STATUSES: tuple[str, ...] = ("queued", "running", "done", "failed", "cancelled")
 TERMINAL_STATUSES: frozenset[str] = frozenset({"done", "failed", "cancelled"})
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 1: tables; 2: run configs with method_options
 DB_NAME = "runs.sqlite"
 RUNS_DIR = "runs"
 CANCEL_FILE = "CANCEL"
-ENV_HOME = "KDCORE_HOME"
 
 # Connections inherited through os.fork(): kept referenced so the child never closes them.
 _INHERITED_CONNECTIONS: list[sqlite3.Connection] = []
@@ -117,30 +117,6 @@ CREATE TABLE IF NOT EXISTS epochs (
 # --------------------------------------------------------------------------- helpers
 
 
-def resolve_workspace(workspace: str | Path | None = None) -> Path:
-    """The workspace folder: ``workspace`` if given, else ``$KDCORE_HOME``, else ``./.kdcore``.
-
-    The folder is created if missing; the returned path is absolute.
-    """
-    if workspace is None or str(workspace) == "":
-        env = os.environ.get(ENV_HOME, "").strip()
-        workspace = env if env else Path.cwd() / ".kdcore"
-    path = Path(workspace).expanduser()
-    if path.exists() and not path.is_dir():
-        raise DataError(
-            f"workspace {path} is a file, not a folder; pass --workspace or set {ENV_HOME} "
-            "to a folder"
-        )
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DataError(
-            f"cannot create workspace {path} ({exc.strerror or exc}); pass --workspace or set "
-            f"{ENV_HOME} to a writable folder"
-        ) from exc
-    return path.resolve()
-
-
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
@@ -184,6 +160,38 @@ def _canonical(config: Mapping[str, Any]) -> str:
 def config_key(config: Mapping[str, Any]) -> str:
     """Stable sha256 (hex) of the canonical JSON of ``config`` (sorted keys, no spaces)."""
     return hashlib.sha256(_canonical(config).encode("utf-8")).hexdigest()
+
+
+# Schema 2: dkd's options moved from flat TrainConfig fields, stored with every run whatever its
+# strategy, into ``method_options``, which TrainConfig.to_dict leaves out at the method's
+# defaults. Frozen: a later change of those defaults needs a migration of its own.
+_V1_DKD_FIELDS = {"dkd_alpha": ("alpha", 1.0), "dkd_beta": ("beta", 8.0),
+                  "dkd_warmup": ("warmup", 20)}
+
+
+def _config_v2(config: dict[str, Any]) -> dict[str, Any]:
+    """A run config of schema 1 in the shape of schema 2 (the same dict where nothing moves)."""
+    if not _V1_DKD_FIELDS.keys() & config.keys():
+        return config
+    new = {k: v for k, v in config.items() if k not in _V1_DKD_FIELDS}
+    if str(config.get("strategy") or "").split("+")[0] == "dkd":  # the others ignored them
+        options = {name: config.get(old, default)
+                   for old, (name, default) in _V1_DKD_FIELDS.items()}
+        if options != dict(_V1_DKD_FIELDS.values()):
+            new["method_options"] = options
+    return new
+
+
+def _migrate_configs(conn: sqlite3.Connection,
+                     upgrade: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """Rewrite every run's config with ``upgrade(config) -> config`` and recompute its key, so
+    that an equal config of the new shape finds the old run (inside the caller's transaction)."""
+    for row in conn.execute("SELECT id, config FROM runs").fetchall():
+        config = json.loads(row["config"]) if row["config"] else {}
+        new = upgrade(config)
+        if new is not config:
+            conn.execute("UPDATE runs SET config = ?, config_key = ? WHERE id = ?",
+                         (_dumps(new, "run config"), config_key(new), row["id"]))
 
 
 def _one_line(text: str, limit: int = _MAX_ERROR_CHARS) -> str:
@@ -500,7 +508,8 @@ class RunStore:
                 for statement in _SCHEMA_V1.split(";"):
                     if statement.strip():
                         conn.execute(statement)
-            # future migrations: `if version < 2: ...`
+            if version < 2:
+                _migrate_configs(conn, _config_v2)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
@@ -550,12 +559,14 @@ class RunStore:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def create(self, config: Mapping[str, Any], *, status: str = "queued") -> str:
+    def create(self, config: Mapping[str, Any], *, status: str = "queued",
+               queue: bool = False) -> str:
         """Store a new run with its full ``config``; returns its id.
 
         ``strategy``, ``seed`` and ``bundle`` are copied from the config into their own
         columns; the creating process's pid and host are recorded (a ``queued`` run whose
-        creator is gone is reaped as interrupted).
+        creator is gone is reaped as interrupted). With ``queue`` no pid is recorded: the run
+        waits for the job queue (:mod:`kdcore.store.jobs`), however long its creator lives.
         """
         if not isinstance(config, Mapping):
             raise DataError(f"a run config must be a dict, not {type(config).__name__}")
@@ -573,7 +584,7 @@ class RunStore:
         strategy = config.get("strategy")
         bundle = config.get("bundle")
         now = _now()
-        pid = os.getpid()
+        pid = None if queue else os.getpid()
         started = now if status == "running" else None
         finished = now if status in TERMINAL_STATUSES else None
         for _ in range(20):

@@ -1,13 +1,14 @@
 """Compare strategies over seeds, honestly: means, spreads, paired differences with intervals.
 
 Runs already finished with an identical config are reused from the store; the rest are
-queued and trained in parallel worker processes (one thread each).
+trained in parallel worker processes of this one (``compare``, the CLI), or queued as
+background jobs (``start_demo``, the dashboard).
 """
 
 from __future__ import annotations
 
-import json
 import math
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
@@ -17,14 +18,14 @@ import numpy as np
 from scipy import stats
 
 from kdcore.data.bundles import Bundle
-from kdcore.errors import DataError, KDCoreError
-from kdcore.learning.losses import is_bias_aware, parse_strategy
-from kdcore.learning.train import TrainConfig, per_class_accuracy
+from kdcore.errors import KDCoreError
+from kdcore.learning.strategies import is_bias_aware
+from kdcore.learning.train import TrainConfig
 from kdcore.store import overrides as label_overrides
-from kdcore.store.jobs import execute_run
+from kdcore.store.jobs import execute_run, exit_with_parent, queue_runs
 from kdcore.store.runs import Run, RunStore
+from kdcore.store.selection import demo_configs
 
-DEFAULT_STRATEGIES = ("ce", "kd", "kd+be", "kd+be+br", "kd+be+br+dl")
 BASELINE = "kd"
 
 
@@ -54,7 +55,8 @@ def run_all(store: RunStore, configs: Sequence[TrainConfig], *, workers: int = 2
             todo[i] = store.create(config.to_dict())
     if todo:
         with ProcessPoolExecutor(max_workers=max(1, min(workers, len(todo))),
-                                 mp_context=get_context("spawn")) as pool:
+                                 mp_context=get_context("spawn"), initializer=exit_with_parent,
+                                 initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(execute_run, run_id, workspace=store.workspace): i
                        for i, run_id in todo.items()}
             for future in as_completed(futures):
@@ -167,83 +169,8 @@ def compare(bundle: Bundle, store: RunStore, strategies: Sequence[str], seeds: S
     return summarise(run_all(store, configs, workers=workers, on_done=on_done))
 
 
-# Config fields that vary inside one comparison; every other field must match.
-_VARYING = ("strategy", "seed", "normalisation", "device")
-# Settings named in a comparison's label, in this order (others are named when they differ).
-_SHOWN = {"epochs": "{} epochs", "temperature": "T={:g}", "lam": "λ={:g}", "lr": "lr={:g}"}
-
-
-def _normalisation_matters(run: Run) -> bool:
-    """Normalisation changes only the bias-aware parts; btkd always uses subset."""
-    try:
-        return run.strategy != "btkd" and parse_strategy(run.strategy or "").bias_aware
-    except KDCoreError:
-        return False
-
-
-def _settings(run: Run) -> tuple:
-    return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in run.config.items()
-                        if k not in _VARYING))
-
-
-def comparable_groups(runs: Sequence[Run]) -> dict[str, list[Run]]:
-    """Finished runs split into comparisons with identical settings, largest first.
-
-    Runs whose strategy ignores normalisation (ce, kd, dkd, btkd) join every comparison with
-    otherwise equal settings, so kd is the baseline of both a batch and a subset comparison.
-    Within a comparison the newest run of each (strategy, seed) counts.
-    """
-    by_settings: dict[tuple, list[Run]] = {}
-    for run in sorted(runs, key=lambda r: r.created_at):
-        by_settings.setdefault(_settings(run), []).append(run)
-    groups: list[tuple[str, list[Run]]] = []
-    differing = _differing_keys(list(by_settings))
-    for settings, members in by_settings.items():
-        norms = sorted({r.config.get("normalisation", "batch") for r in members
-                        if _normalisation_matters(r)}) or [None]
-        for norm in norms:
-            chosen = [r for r in members if norm is None or not _normalisation_matters(r)
-                      or r.config.get("normalisation") == norm]
-            newest = {(r.strategy, r.seed): r for r in chosen}
-            groups.append((_label(dict(settings), differing, norm), list(newest.values())))
-    groups.sort(key=lambda item: -len(item[1]))
-    return dict(groups)
-
-
-def _differing_keys(settings: list[tuple]) -> list[str]:
-    values: dict[str, set[str]] = {}
-    for entry in settings:
-        for key, value in entry:
-            values.setdefault(key, set()).add(value)
-    return sorted(k for k, v in values.items()
-                  if len(v) > 1 and k not in _SHOWN and k != "bundle")
-
-
-def _label(settings: dict[str, str], differing: list[str], norm: str | None) -> str:
-    values = {k: json.loads(v) for k, v in settings.items()}
-    parts = [Path(str(values.get("bundle", "?"))).name]
-    parts += [fmt.format(values[k]) for k, fmt in _SHOWN.items() if k in values]
-    parts += [f"{k}={values[k]}" for k in differing if k in values]
-    if norm is not None:
-        parts.append(f"{norm} normalisation")
-    return " · ".join(parts)
-
-
-def teacher_per_class(store: RunStore, runs: Sequence[Run]) -> dict[str, float | None]:
-    """The teacher's per-class test accuracy, from the first of ``runs`` with saved predictions.
-
-    Read from a run's artifacts rather than its dataset, so it works for bundles and tabular
-    data alike, and stays correct if the dataset moves after training.
-    """
-    problem = "no runs given"
-    for run in runs:
-        path = store.artifact_dir(run.id) / "test_predictions.npz"
-        try:
-            with np.load(path, allow_pickle=False) as preds:
-                labels, teacher = preds["labels"], preds["teacher_logits"]
-        except (OSError, KeyError, ValueError) as exc:
-            problem = f"run {run.id}: {exc}"
-            continue
-        names = list(run.metrics.get("per_class_accuracy") or range(teacher.shape[1]))
-        return per_class_accuracy(teacher.argmax(1), labels, [str(n) for n in names])
-    raise DataError(f"cannot read the runs' saved test predictions ({problem}); train them again")
+def start_demo(workspace: str | Path | None = None, *, max_jobs: int | None = None) -> list[str]:
+    """Queue the demo (the default strategies x DEMO_SEEDS seeds on the bundled sample) as
+    background jobs, like any run started from the app; returns the ids queued (none for
+    runs already finished or in flight)."""
+    return queue_runs(demo_configs(), workspace=workspace, max_jobs=max_jobs)

@@ -29,46 +29,37 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import plotly
-import plotly.graph_objects as go
 import torch
-from plotly.subplots import make_subplots
 
 from kdcore import __version__
-from kdcore.analysis.analyzer import bundle_table, select
 from kdcore.analysis.analyzer import report as bias_report
+from kdcore.analysis.analyzer import select
 from kdcore.data.bundles import Bundle, load_bundle, load_dataset
+from kdcore.data.sources import bundle_table
 from kdcore.errors import DataError, KDCoreError
-from kdcore.learning.losses import is_bias_aware, strategy_order
+from kdcore.store import selection
 from kdcore.store.runs import Run, RunStore
+from kdcore.value import figures
+from kdcore.value.before_after import before_after, shown_students
 from kdcore.value.compare import BASELINE, summarise
-from kdcore.value.roi import (
-    CostAssumptions,
-    format_money,
-    recipe_key,
-    recipes,
-    roi,
-    roi_table,
-)
+from kdcore.value.roi import CostAssumptions, format_money, roi, roi_table, strategy_points
 
 FORMATS = ("html", "pdf", "png")
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 NO_STUDENTS = ("No students were trained yet: this report holds the teacher-bias analysis "
                "only. Run `kdcore demo` (or the Train page) and export the report again.")
 
-# the dashboard's colours, so a chart reads the same in the app and in the report
-TEACHER = "#7F8C8D"
-STUDENT = "#1F77B4"
-WRONG = "#D62728"
-RIGHT = "#2CA02C"
-SUPPORT = "#BDC3C7"
-OTHER = "#E69F00"
-
 
 @dataclass
 class Chart:
+    """One of the dashboard's figures (kdcore.value.figures), on a white page."""
+
     slug: str
     title: str
-    figure: go.Figure
+    figure: figures.Figure
+
+    def __post_init__(self) -> None:
+        self.figure.update_layout(template="plotly_white")
 
 
 @dataclass
@@ -94,205 +85,49 @@ class ReportData:
 
 def select_runs(store: RunStore, bundle: Bundle | None = None,
                 run_ids: Sequence[str] | None = None) -> tuple[list[Run], Bundle, str]:
-    """The finished runs the report summarises, their bundle, and how they were chosen.
+    """The finished runs the report summarises (one comparison of kdcore.store.selection), their
+    bundle, and how they were chosen.
 
-    With ``run_ids``: each run brings in every finished seed of its recipe (the same settings
-    apart from the seed). Without: for each strategy on the bundle, the recipe with the most
-    seeds (then the newest).
+    With ``run_ids``: each run brings in every finished seed of its strategy in its comparison,
+    and the runs must be comparable. Without: the comparison the dashboard shows first on the
+    bundle (the demo's, else the largest).
     """
-    from kdcore.value.roi import strategy_runs
-
+    done = store.list(status="done")
     if not run_ids:
         bundle = bundle or load_bundle(None)
-        groups = strategy_runs(store, bundle)
-        how = ("every strategy trained on this bundle; for each, the settings with the most "
-               "finished seeds")
-        return [r for g in groups.values() for r in g], bundle, how
-    chosen: dict[str, list[Run]] = {}
+        groups = selection.comparable_groups(selection.on_bundle(done, bundle.path))
+        key = selection.headline(groups, bundle.path)
+        how = (f"every strategy of the comparison {key} (the demo's runs if finished, else the "
+               "largest set of runs trained with the same settings), with every finished seed")
+        return _ordered(groups[key] if key else []), bundle, how
+    chosen: dict[str, Run] = {}
     run_bundle: Bundle | None = None
-    done = recipes(store.list(status="done"))
     for run_id in run_ids:
         run = store.get(run_id)
         if run.status != "done":
             raise DataError(f"run {run.id} is {run.status}, not done; pass finished runs "
                             "(`kdcore runs` lists them)")
         this = load_dataset(run.config.get("bundle") or run.bundle,
-                                  **run.config.get("data_options", {}))
+                            **run.config.get("data_options", {}))
         if run_bundle is None:
             run_bundle = this
         elif Path(this.path) != Path(run_bundle.path):
             raise DataError(f"run {run.id} is on {this.name}, the others on {run_bundle.name}; "
                             "a report covers one bundle")
-        key = recipe_key(run)
-        for other_key, group in chosen.items():
-            if group[0].strategy == run.strategy and other_key != key:
-                raise DataError(f"runs {group[0].id} and {run.id} are both {run.strategy} but "
-                                "with different settings; pass runs of one recipe per strategy")
-        chosen[key] = done.get(key, [run])
+        chosen.update({r.id: r for r in selection.recipe(done, run)})
     if bundle is not None and Path(bundle.path) != Path(run_bundle.path):
         raise DataError(f"the runs are on {run_bundle.path}, not {bundle.path}; drop BUNDLE")
+    groups = selection.comparable_groups(list(chosen.values()))
+    if not any(len(group) == len(chosen) for group in groups.values()):
+        raise DataError(f"the runs given were trained with different settings ({'; '.join(groups)}"
+                        "); a report covers one comparison: pass runs with the same settings")
     how = "the runs given with --run, each with every finished seed of the same settings"
-    groups = {g[0].strategy: g for g in chosen.values()}
-    return [r for name in strategy_order(list(groups)) for r in groups[name]], run_bundle, how
+    return _ordered(list(chosen.values())), run_bundle, how
 
 
-def _roi_run(runs: Sequence[Run]) -> Run | None:
-    """The student for the ROI: the best bias-aware recipe, else the best of any."""
-    by_recipe: dict[str, list[Run]] = {}
-    for r in runs:
-        by_recipe.setdefault(recipe_key(r), []).append(r)
-    if not by_recipe:
-        return None
-
-    def mean(group: list[Run]) -> float:
-        return float(np.mean([r.metrics["test_accuracy"] for r in group]))
-
-    aware = [g for g in by_recipe.values() if is_bias_aware(g[0].strategy)]
-    group = max(aware or list(by_recipe.values()), key=mean)
-    target = mean(group)
-    return min(group, key=lambda r: abs(r.metrics["test_accuracy"] - target))
-
-
-# --------------------------------------------------------------------------- figures
-
-
-def _layout(fig: go.Figure, title: str, height: int) -> go.Figure:
-    fig.update_layout(
-        title=dict(text=title, x=0, xanchor="left"), height=height, font=dict(size=13),
-        margin=dict(l=10, r=10, t=60, b=10), template="plotly_white",
-        legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1))
-    return fig
-
-
-def bias_figure(per_class: pd.DataFrame) -> go.Figure:
-    classes = per_class["class"].astype(str).tolist()
-    rate = per_class["bias_rate"].astype(float).to_numpy()
-    support = per_class["support"].to_numpy()
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.7, 0.3],
-                        vertical_spacing=0.06)
-    fig.add_trace(go.Bar(x=classes, y=rate, name="share the teacher gets wrong",
-                         marker_color=WRONG, text=[f"{r:.0%}" if np.isfinite(r) else ""
-                                                   for r in rate],
-                         textposition="outside"), row=1, col=1)
-    fig.add_trace(go.Bar(x=classes, y=support, name="samples in class", marker_color=SUPPORT,
-                         text=[str(s) for s in support], textposition="outside"), row=2, col=1)
-    top = float(np.nanmax(rate)) if np.isfinite(rate).any() else 0.0
-    fig.update_yaxes(title_text="teacher wrong", tickformat=".0%",
-                     range=[0, max(top * 1.25, 0.05)], row=1, col=1)
-    fig.update_yaxes(title_text="samples", range=[0, max(support.max(initial=0) * 1.35, 1)],
-                     row=2, col=1)
-    fig.update_xaxes(title_text="true class", type="category", row=2, col=1)
-    return _layout(fig, "Where the teacher is wrong on held-out data, per class", 430)
-
-
-def confusion_figure(error_confusion: np.ndarray, class_names: Sequence[str]) -> go.Figure:
-    counts = np.asarray(error_confusion, dtype=float)
-    z = counts.copy()
-    np.fill_diagonal(z, np.nan)
-    text = np.where(counts > 0, counts.astype(int).astype(str), "")
-    np.fill_diagonal(text, "")
-    names = [str(c) for c in class_names]
-    fig = go.Figure(go.Heatmap(
-        z=z, x=names, y=names, text=text, texttemplate="%{text}", colorscale="Reds", zmin=0,
-        xgap=1, ygap=1, colorbar=dict(title="samples"),
-        hovertemplate="true %{y}, teacher said %{x}: %{z} samples<extra></extra>"))
-    fig.update_xaxes(title_text="teacher's prediction", type="category")
-    fig.update_yaxes(title_text="true class", type="category", autorange="reversed")
-    return _layout(fig, "Which classes the teacher confuses (held-out errors)", 460)
-
-
-def strategy_figure(summary: dict) -> go.Figure:
-    names = list(summary["strategies"])
-    entries = [summary["strategies"][n] for n in names]
-    means = np.array([e["mean"] for e in entries])
-    stds = np.array([e["std"] for e in entries])
-    colours = [STUDENT if is_bias_aware(n) else OTHER for n in names]
-    fig = go.Figure(go.Bar(
-        x=names, y=means, marker_color=colours,
-        error_y=dict(type="data", array=stds, visible=True, color="#333"),
-        text=[f"{m:.1%}" for m in means], textposition="inside", insidetextanchor="start",
-        hovertemplate="%{x}: %{y:.1%}<extra></extra>"))
-    lows = list(means - stds)
-    teacher = summary.get("teacher_test_accuracy")
-    if teacher is not None:
-        fig.add_hline(y=teacher, line_dash="dash", line_color=TEACHER,
-                      annotation_text=f"teacher {teacher:.1%}", annotation_position="top left")
-        lows.append(teacher)
-    fig.update_xaxes(title_text="training strategy", type="category")
-    fig.update_yaxes(title_text="test accuracy, last epoch (axis not from 0)", tickformat=".0%",
-                     range=[max(0.0, min(lows) - 0.05), 1.0])
-    fig.update_layout(showlegend=False)
-    return _layout(fig, "Student accuracy per strategy (mean ± std over seeds)", 400)
-
-
-def per_class_figure(frame: pd.DataFrame) -> go.Figure:
-    fig = go.Figure()
-    models = [c for c in frame.columns if c != "class"]
-    palette = {0: TEACHER}
-    for i, model in enumerate(models):
-        colour = palette.get(i, STUDENT if i == len(models) - 1 else OTHER)
-        values = frame[model].astype(float)
-        fig.add_trace(go.Bar(x=frame["class"].astype(str), y=values, name=model,
-                             marker_color=colour,
-                             text=[f"{v:.0%}" if np.isfinite(v) else "" for v in values],
-                             textposition="outside"))
-    fig.update_layout(barmode="group", bargap=0.2)
-    fig.update_xaxes(title_text="class", type="category")
-    fig.update_yaxes(title_text="accuracy on held-out data", tickformat=".0%", range=[0, 1.12])
-    return _layout(fig, "Per-class accuracy: teacher (before) vs students (after)", 420)
-
-
-def cost_figure(doc: dict) -> go.Figure:
-    cost = doc["cost"]
-    values = [cost["teacher_monthly"], cost["student_monthly"]]
-    fig = go.Figure(go.Bar(
-        x=["teacher", f"student ({doc['strategy']})"], y=values,
-        marker_color=[TEACHER, STUDENT], text=[format_money(v) for v in values],
-        textposition="outside", hovertemplate="%{x}: $%{y:.4g} a month<extra></extra>"))
-    fig.update_yaxes(title_text="serving cost, $ a month", tickprefix="$",
-                     range=[0, max(values) * 1.25 if max(values) > 0 else 1])
-    fig.update_layout(showlegend=False)
-    return _layout(fig, f"Monthly serving cost (saving {format_money(cost['saving_monthly'])})",
-                   360)
-
-
-def tradeoff_figure(doc: dict, summary: dict | None) -> go.Figure:
-    """Accuracy against latency: the teacher and every student strategy."""
-    t, s = doc["teacher"], doc["student"]
-    fig = go.Figure()
-    fig.add_trace(go.Scatter(
-        x=[t["latency_ms_p50"]], y=[t["accuracy"]], mode="markers+text", name="teacher",
-        text=["teacher"], textposition="top center",
-        marker=dict(size=16, color=TEACHER, symbol="diamond")))
-    if summary:
-        names = list(summary["strategies"])
-        entries = [summary["strategies"][n] for n in names]
-        ranked = sorted(range(len(names)), key=lambda i: entries[i]["mean"])
-        sides = {i: ("middle right" if k % 2 else "middle left") for k, i in enumerate(ranked)}
-        for label, colour, aware in (("bias-aware students", STUDENT, True),
-                                     ("other students", OTHER, False)):
-            idx = [i for i, n in enumerate(names) if is_bias_aware(n) == aware]
-            if not idx:
-                continue
-            fig.add_trace(go.Scatter(
-                x=[s["latency_ms_p50"]] * len(idx), y=[entries[i]["mean"] for i in idx],
-                error_y=dict(type="data", array=[entries[i]["std"] for i in idx],
-                             visible=True, color="#999", thickness=1),
-                mode="markers+text", name=label, text=[names[i] for i in idx],
-                textposition=[sides[i] for i in idx],
-                customdata=[[entries[i]["std"], len(entries[i]["seeds"])] for i in idx],
-                hovertemplate=("%{text}: %{y:.1%} ± %{customdata[0]:.1%} over "
-                               "%{customdata[1]} seeds, %{x:.3f} ms<extra></extra>"),
-                marker=dict(size=11, color=colour)))
-    lo = min(t["latency_ms_p50"], s["latency_ms_p50"])
-    hi = max(t["latency_ms_p50"], s["latency_ms_p50"])
-    left, right = np.log10(lo) - 0.35, np.log10(hi) + 0.25
-    ticks = [m * 10.0 ** k for k in range(int(np.floor(left)), int(np.ceil(right)) + 1)
-             for m in (1, 2, 5) if left <= np.log10(m * 10.0 ** k) <= right]
-    fig.update_xaxes(title_text="latency at batch 1, median ms (log scale)", type="log",
-                     range=[left, right], tickvals=ticks, ticktext=[f"{v:g}" for v in ticks])
-    fig.update_yaxes(title_text="test accuracy", tickformat=".0%")
-    return _layout(fig, "Accuracy against latency: every student shares one architecture", 400)
+def _ordered(runs: Sequence[Run]) -> list[Run]:
+    """Strategies in reading order, each by seed."""
+    return [r for group in selection.by_strategy(runs).values() for r in group]
 
 
 # --------------------------------------------------------------------------- collecting
@@ -317,42 +152,33 @@ def build_report(store: RunStore, bundle: str | Path | Bundle | None = None,
         bundle=bundle, generated_at=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         workspace=str(store.workspace), splits=splits, per_class=held_out.per_class,
         top_confusions=held_out.top_confusions, runs=runs, selection=how)
-    data.charts.append(Chart("teacher-bias", "Teacher bias per class", bias_figure(
-        held_out.per_class)))
-    data.charts.append(Chart("teacher-confusion", "Teacher's confusions", confusion_figure(
-        held_out.error_confusion, held_out.class_names)))
+    data.charts.append(Chart("teacher-bias", "Teacher bias per class",
+                             figures.bias_rate_bars(held_out.per_class)))
+    data.charts.append(Chart("teacher-confusion", "Teacher's confusions",
+                             figures.error_confusion_heatmap(held_out.error_confusion,
+                                                             held_out.class_names)))
     if not runs:
         return data
     data.summary = summarise(runs)
-    data.charts.append(Chart("strategies", "Accuracy per strategy", strategy_figure(data.summary)))
-    data.charts.append(Chart("per-class", "Per-class before/after",
-                             per_class_figure(_before_after(held_out.per_class, runs,
-                                                            data.summary))))
-    pick = _roi_run(runs)
+    best = selection.best_student(runs)
+    data.charts.append(Chart("strategies", "Accuracy per strategy",
+                             figures.strategy_accuracy_bars(data.summary, best)))
+    data.charts.append(Chart("per-class", "Per-class before/after", figures.per_class_before_after(
+        before_after(store, runs, shown_students(runs)), highlight=best,
+        title="Per-class accuracy on held-out data: teacher (before) vs students (after, mean "
+              "over seeds)")))
+    student = selection.closest_to_mean(selection.by_strategy(runs)[best])
     try:
-        data.roi = roi(store, bundle, pick.id, assumptions=assumptions, threads=threads)
+        data.roi = roi(store, bundle, student.id, assumptions=assumptions, threads=threads)
     except KDCoreError as exc:
         data.roi_error = str(exc)
     else:
-        data.charts.append(Chart("cost", "Monthly serving cost", cost_figure(data.roi)))
+        data.charts.append(Chart("cost", "Monthly serving cost",
+                                 figures.roi_cost_bars(data.roi["cost"], data.roi["strategy"])))
         data.charts.append(Chart("accuracy-latency", "Accuracy against latency",
-                                 tradeoff_figure(data.roi, data.summary)))
+                                 figures.roi_scatter(strategy_points(data.roi, runs),
+                                                     "latency_ms_p50", highlight=best)))
     return data
-
-
-def _before_after(per_class: pd.DataFrame, runs: Sequence[Run], summary: dict) -> pd.DataFrame:
-    frame = pd.DataFrame({"class": per_class["class"].astype(str),
-                          "teacher": per_class["teacher_accuracy"].to_numpy(dtype=float)})
-    best = max(summary["strategies"], key=lambda n: summary["strategies"][n]["mean"])
-    shown = [BASELINE] if BASELINE in summary["strategies"] and best != BASELINE else []
-    for name in [*shown, best]:
-        per_seed = [r.metrics.get("per_class_accuracy") or {} for r in runs if r.strategy == name]
-        values = []
-        for c in frame["class"]:
-            seen = [float(p[c]) for p in per_seed if p.get(c) is not None]
-            values.append(float(np.mean(seen)) if seen else np.nan)
-        frame[f"{name} ({len(per_seed)} seeds)"] = values
-    return frame
 
 
 # --------------------------------------------------------------------------- rendering
@@ -487,7 +313,7 @@ def render_html(data: ReportData, *, static: dict[str, str] | None = None) -> st
         doc = data.roi
         out.append(f'<p class="note">{_e(doc["summary"])}</p>')
         out.append(_kpis([
-            ("smaller (bytes)", f"{doc['size_ratio']:,.1f}x"),
+            ("smaller (bytes on disk)", f"{doc['size_ratio']:,.1f}x"),
             ("faster (batch 1, p50)", f"{doc['speedup']:,.1f}x"),
             ("accuracy change", f"{doc['accuracy_change'] * 100:+.1f} pts"),
             ("saving a month", format_money(doc["cost"]["saving_monthly"])),

@@ -41,9 +41,10 @@ import torch
 
 from kdcore.data.bundles import Bundle, load_bundle, load_dataset
 from kdcore.errors import DataError
-from kdcore.learning.losses import is_bias_aware, strategy_order
 from kdcore.learning.models import build_model, count_parameters
-from kdcore.store.runs import Run, RunStore, config_key
+from kdcore.learning.teachers import load_teacher
+from kdcore.store import selection
+from kdcore.store.runs import Run, RunStore
 
 DEFAULT_THREADS = 1
 THROUGHPUT_BATCH = 256
@@ -216,45 +217,6 @@ def measure_models(models: Mapping[str, torch.nn.Module], x: np.ndarray, *,
 # --------------------------------------------------------------------------- runs
 
 
-def _same_bundle(run: Run, bundle: Bundle) -> bool:
-    path = run.config.get("bundle") or run.bundle or ""
-    try:
-        return Path(path).resolve() == Path(bundle.path).resolve()
-    except (OSError, ValueError):
-        return False
-
-
-def recipe_key(run: Run) -> str:
-    """Identifies a run's settings apart from its seed: its seeds share one recipe."""
-    return config_key({k: v for k, v in run.config.items() if k != "seed"})
-
-
-def recipes(runs: Sequence[Run]) -> dict[str, list[Run]]:
-    """Finished runs grouped by recipe (settings apart from seed), newest run per seed."""
-    groups: dict[str, dict[int, Run]] = {}
-    for run in sorted(runs, key=lambda r: r.created_at, reverse=True):
-        if run.status != "done" or run.metrics.get("test_accuracy") is None:
-            continue
-        groups.setdefault(recipe_key(run), {}).setdefault(run.seed, run)
-    return {k: sorted(v.values(), key=lambda r: (r.seed is None, r.seed or 0))
-            for k, v in groups.items()}
-
-
-def strategy_runs(store: RunStore, bundle: Bundle) -> dict[str, list[Run]]:
-    """One recipe per strategy on this bundle: the one with most seeds (then the newest),
-    each with its finished runs, newest per seed; strategies in reading order."""
-    done = [r for r in store.list(status="done") if _same_bundle(r, bundle)]
-    chosen: dict[str, list[Run]] = {}
-    for group in recipes(done).values():
-        name = group[0].strategy
-        newest = max(r.created_at for r in group)
-        current = chosen.get(name)
-        if current is None or (len(group), newest) > (len(current),
-                                                       max(r.created_at for r in current)):
-            chosen[name] = group
-    return {name: chosen[name] for name in strategy_order(list(chosen))}
-
-
 def accuracy_spread(group: Sequence[Run]) -> dict:
     """Mean and standard deviation (ddof 1; 0 for one seed) of test accuracy over seeds."""
     acc = np.array([float(r.metrics["test_accuracy"]) for r in group])
@@ -269,12 +231,13 @@ def accuracy_spread(group: Sequence[Run]) -> dict:
 
 def pick_student(store: RunStore, bundle: Bundle | None = None,
                  run_id: str | None = None) -> tuple[Run, list[Run], Bundle]:
-    """The measured student run and its recipe's seeds.
+    """The measured student run and its seeds (kdcore.store.selection.recipe).
 
-    With ``run_id``: that run (it must be finished). Without: the bias-aware recipe with the
-    highest mean accuracy on ``bundle`` (default: the bundled sample), and of its seeds the
-    one closest to that mean.
+    With ``run_id``: that run (it must be finished). Without: on ``bundle`` (default: the
+    bundled sample), the best student of the headline comparison and, of its seeds, the one
+    closest to their mean (kdcore.store.selection).
     """
+    done = store.list(status="done")
     if run_id is not None:
         run = store.get(run_id)
         if run.status != "done":
@@ -285,25 +248,16 @@ def pick_student(store: RunStore, bundle: Bundle | None = None,
         if bundle is not None and Path(bundle.path).resolve() != Path(run_bundle.path).resolve():
             raise DataError(f"run {run.id} was trained on {run_bundle.path}, not {bundle.path}; "
                             "drop the BUNDLE argument or pick a run of that bundle")
-        same = [r for r in store.list(status="done") if r.strategy == run.strategy]
-        group = recipes(same).get(recipe_key(run), [run])
-        if run.seed not in {r.seed for r in group}:
-            group = [run]
-        else:  # measure exactly the run asked for
-            group = [run if r.seed == run.seed else r for r in group]
-        return run, group, run_bundle
+        return run, selection.recipe(done, run), run_bundle
     bundle = bundle or load_bundle(None)
-    groups = {k: g for k, g in recipes(
-        [r for r in store.list(status="done") if _same_bundle(r, bundle)]).items()
-        if is_bias_aware(g[0].strategy)}
-    if not groups:
-        raise DataError(f"no finished bias-aware student on {bundle.name} in {store.workspace}; "
-                        "run `kdcore demo` (or `kdcore train --strategy kd+be+br+dl`), or pass "
+    groups = selection.comparable_groups(selection.on_bundle(done, bundle.path))
+    key = selection.headline(groups, bundle.path)
+    if key is None:
+        raise DataError(f"no finished student on {bundle.name} in {store.workspace}; run "
+                        "`kdcore demo` (or `kdcore train --strategy kd+be+br+dl`), or pass "
                         "--run ID")
-    group = max(groups.values(), key=lambda g: (accuracy_spread(g)["accuracy"], len(g)))
-    mean = accuracy_spread(group)["accuracy"]
-    run = min(group, key=lambda r: abs(float(r.metrics["test_accuracy"]) - mean))
-    return run, group, bundle
+    group = selection.by_strategy(groups[key])[selection.best_student(groups[key])]
+    return selection.closest_to_mean(group), group, bundle
 
 
 def load_student(store: RunStore, run: Run, bundle: Bundle) -> torch.nn.Module:
@@ -336,7 +290,11 @@ def roi(store: RunStore, bundle: str | Path | Bundle | None = None, run_id: str 
     if bundle is not None and not isinstance(bundle, Bundle):
         bundle = load_bundle(bundle)
     run, group, bundle = pick_student(store, bundle, run_id)
-    teacher, student = bundle.load_teacher(), load_student(store, run, bundle)
+    teacher, student = load_teacher(bundle), load_student(store, run, bundle)
+    if teacher is None:
+        raise DataError(f"{bundle.name}: a tabular dataset has the teacher's outputs but not the "
+                        "teacher model; measure the student alone, or use a bundle with the "
+                        "teacher's weights")
     measured = measure_models({"teacher": teacher, "student": student}, bundle.x("test"),
                               threads=threads, repeats=repeats, warmup=warmup,
                               throughput_repeats=throughput_repeats)
@@ -430,21 +388,21 @@ def summary_text(doc: dict) -> str:
     return f"{first} {second}"
 
 
-def strategy_points(store: RunStore, doc: dict) -> pd.DataFrame:
-    """Teacher and every student strategy on the document's bundle, for accuracy-vs-size and
-    accuracy-vs-latency charts: one row each with ``model``, ``kind``, ``accuracy``,
-    ``accuracy_std``, ``seeds``, ``params``, ``size_bytes``, ``latency_ms_p50``,
-    ``latency_ms_p95``, ``throughput_per_s``. Every strategy trains the bundle's one student
-    architecture, so the students share the measured student's size and speed."""
-    bundle = load_bundle(doc["bundle_path"])
+def strategy_points(doc: dict, group: Sequence[Run]) -> pd.DataFrame:
+    """Teacher and every student strategy of a comparison (``group``, runs of one
+    kdcore.store.selection comparison), for accuracy-vs-size and accuracy-vs-latency charts:
+    one row each with ``model``, ``kind``, ``accuracy``, ``accuracy_std``, ``seeds``,
+    ``params``, ``size_bytes``, ``latency_ms_p50``, ``latency_ms_p95``, ``throughput_per_s``.
+    Every strategy trains the bundle's one student architecture, so the students share the
+    measured student's size and speed."""
     keys = ("params", "size_bytes", "latency_ms_p50", "latency_ms_p95", "throughput_per_s")
     t, s = doc["teacher"], doc["student"]
     rows = [{"model": "teacher", "kind": "teacher", "accuracy": t["accuracy"],
              "accuracy_std": 0.0, "seeds": 0, **{k: t[k] for k in keys}}]
-    for name, group in strategy_runs(store, bundle).items():
-        spread = accuracy_spread(group)
+    for name, runs in selection.by_strategy(group).items():
+        spread = accuracy_spread(runs)
         rows.append({"model": name, "kind": "student", "accuracy": spread["accuracy"],
-                     "accuracy_std": spread["accuracy_std"], "seeds": len(group),
+                     "accuracy_std": spread["accuracy_std"], "seeds": len(runs),
                      **{k: s[k] for k in keys}})
     return pd.DataFrame(rows)
 

@@ -1,11 +1,13 @@
-"""Plotly figures for the dashboard: pure functions from DataFrames / arrays to figures.
+"""Every Plotly figure of kdcore: pure functions from DataFrames / arrays to figures.
 
-No Streamlit here, so every chart can be tested and reused (the report, notebooks). Colours are
-shared so that "teacher", "student", "right", "wrong" look the same on every page.
+The dashboard's pages and the exported report (kdcore.value.report) draw through these same
+functions, so a chart, and the colour of each model in it, reads the same in the app and in the
+report. No Streamlit here, so every chart can be tested and reused.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -14,11 +16,14 @@ import plotly.express as px
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from kdcore.learning.losses import strategy_order
+from kdcore.learning.strategies import strategy_order
+from kdcore.value.roi import format_money
 
-# --- palette and layout shared by every page
+Figure = go.Figure  # for type hints elsewhere, without importing plotly there
+
+# --- the one palette: "teacher", "student", "right", "wrong" look the same everywhere
 TEACHER = "#7F8C8D"     # grey: the teacher, "before"
-STUDENT = "#1F77B4"     # blue: a student, "after"
+STUDENT = "#1F77B4"     # blue: the student a chart is about, "after"
 RIGHT = "#2CA02C"       # green: correct predictions
 WRONG = "#D62728"       # red: the teacher's bias (its mistakes)
 RECTIFIED = "#2CA02C"   # green: the teacher's distribution after rectification
@@ -26,6 +31,12 @@ SUPPORT = "#BDC3C7"     # light grey: how many samples a class has
 LABEL_ERROR = "#F2A33A"  # amber: a teacher "mistake" that is likely a label error
 ERROR_SCALE = "Reds"
 SERIES = px.colors.qualitative.Safe
+# Each strategy keeps one colour on every chart (colour-blind safe Okabe-Ito and Tol colours,
+# none of them the student blue or the teacher grey); a strategy not listed gets a fixed one
+# of SERIES, chosen from its name.
+STRATEGY_COLOURS = {"ce": "#CC79A7", "kd": "#E69F00", "kd+be": "#44AA99",
+                    "kd+be+br": "#117733", "kd+be+br+dl": "#332288", "btkd": "#882255",
+                    "dkd": "#999933"}
 
 _FONT = dict(size=13)
 
@@ -261,25 +272,26 @@ def image_grid(images: np.ndarray, titles: Sequence[str] | None = None, *,
     return fig
 
 
-def _model_colours(models: Sequence[str], highlight: str | None = None) -> dict[str, str]:
-    """``teacher`` grey, ``highlight`` (default: the last model) student blue, the others the
-    series colours in order: one model keeps its colour across the charts of a page."""
-    highlight = highlight or models[-1]
-    palette = iter([c for c in SERIES if c != STUDENT])
-    return {m: TEACHER if m == "teacher" else STUDENT if m == highlight else next(palette)
-            for m in models}
+def strategy_colours(names: Sequence[str], highlight: str | None = None) -> dict[str, str]:
+    """The colour of each model, the same on every chart of the app and of the report:
+    ``teacher`` grey, ``highlight`` (the student the page is about, kdcore.store.selection's
+    best student by default on every page) blue, any other strategy its own fixed colour."""
+    def fixed(name: str) -> str:
+        return STRATEGY_COLOURS.get(name) or SERIES[zlib.crc32(name.encode()) % len(SERIES)]
+    return {n: TEACHER if n == "teacher" else STUDENT if n == highlight else fixed(str(n))
+            for n in names}
 
 
 def per_class_before_after(per_class: pd.DataFrame, *, title: str | None = None,
                            highlight: str | None = None) -> go.Figure:
     """Grouped bars of per-class accuracy: column ``class``, then one column per model.
 
-    A column named ``teacher`` is grey; ``highlight`` (default: the last column) is the student
-    blue; any others get the series colours. Values are accuracies in [0, 1].
+    Colours from :func:`strategy_colours` (``highlight`` blue). Values are accuracies in
+    [0, 1], e.g. ``kdcore.value.before_after.before_after``.
     """
     models = [c for c in per_class.columns if c != "class"]
     classes = per_class["class"].astype(str)
-    colours = _model_colours(models, highlight)
+    colours = strategy_colours(models, highlight)
     fig = go.Figure()
     for model in models:
         values = per_class[model].astype(float)
@@ -304,9 +316,10 @@ def _strategies(summary: dict) -> list[tuple[str, dict]]:
     return [(name, entries[name]) for name in strategy_order(list(entries))]
 
 
-def strategy_accuracy_bars(summary: dict) -> go.Figure:
+def strategy_accuracy_bars(summary: dict, highlight: str | None = None) -> go.Figure:
     """Mean last-epoch test accuracy per strategy, error bars one standard deviation over
-    seeds, a dashed line at the teacher. ``summary`` is ``kdcore.value.compare.summarise(runs)``.
+    seeds, a dashed line at the teacher. ``summary`` is ``kdcore.value.compare.summarise(runs)``;
+    each bar has its strategy's colour (``highlight`` blue).
 
     The axis starts a little below the lowest bar (differences are a few points), so the bars
     start there too and carry their value as text.
@@ -320,7 +333,8 @@ def strategy_accuracy_bars(summary: dict) -> go.Figure:
     lows = list(means - stds) + ([teacher] if teacher is not None else [])
     floor = max(0.0, float(np.floor((min(lows) - 0.03) * 20) / 20)) if lows else 0.0
     fig = go.Figure(go.Bar(
-        x=names, y=means - floor, base=floor, marker_color=STUDENT,
+        x=names, y=means - floor, base=floor,
+        marker_color=list(strategy_colours(names, highlight).values()),
         error_y=dict(type="data", array=stds, visible=True, color=TEACHER),
         text=[f"{m:.1%}" for m in means], textposition="inside", insidetextanchor="start",
         customdata=np.stack([means, stds, seeds], 1) if rows else None,
@@ -366,18 +380,12 @@ def delta_vs_kd_chart(summary: dict) -> go.Figure:
                    height=max(260, 120 + 45 * len(rows)))
 
 
-def per_class_grouped_bars(df: pd.DataFrame) -> go.Figure:
-    """Per-class test accuracy of the teacher and the chosen students: column ``class``, a
-    column ``teacher``, one column per strategy (mean over seeds), values in [0, 1]."""
-    return per_class_before_after(
-        df, title="Per-class test accuracy: teacher (before) vs students (after)")
-
-
-def per_class_change(df: pd.DataFrame) -> go.Figure:
-    """Each student's per-class accuracy minus the teacher's, in points (frame as above)."""
+def per_class_change(df: pd.DataFrame, highlight: str | None = None) -> go.Figure:
+    """Each student's per-class accuracy minus the teacher's, in points (the frame of
+    :func:`per_class_before_after`, with its colours)."""
     students = [c for c in df.columns if c not in ("class", "teacher")]
     classes = df["class"].astype(str)
-    colours = _model_colours(students)  # as in per_class_grouped_bars, on the same page
+    colours = strategy_colours(students, highlight)
     fig = go.Figure()
     for model in students:
         change = 100 * (df[model].astype(float) - df["teacher"].astype(float))
@@ -411,18 +419,20 @@ def bias_inheritance_bars(summary: dict) -> go.Figure:
                    height=360)
 
 
-def learning_curves(df: pd.DataFrame, *, per_seed: bool = False,
-                    metric: str = "test_accuracy") -> go.Figure:
+def learning_curves(df: pd.DataFrame, *, per_seed: bool = False, metric: str = "test_accuracy",
+                    highlight: str | None = None) -> go.Figure:
     """Test accuracy per epoch: per strategy the mean over seeds with a band from the lowest
-    to the highest seed, or (``per_seed``) one line per seed.
+    to the highest seed, or (``per_seed``) one line per seed; colours of
+    :func:`strategy_colours`.
 
     ``df``: columns ``strategy``, ``seed``, ``epoch`` (0-based) and ``metric``, one row per
     run and epoch.
     """
     fig = go.Figure()
     names = strategy_order(list(df["strategy"].unique())) if len(df) else []
-    for i, name in enumerate(names):
-        colour = SERIES[i % len(SERIES)]
+    colours = strategy_colours(names, highlight)
+    for name in names:
+        colour = colours[name]
         part = df[df["strategy"] == name]
         if per_seed:
             for j, (seed, run) in enumerate(part.groupby("seed", sort=True)):
@@ -507,9 +517,11 @@ def _tick_text(value: float, column: str) -> str:
     return f"{value:g} ms"
 
 
-def roi_scatter(points: pd.DataFrame, x: str = "size_bytes") -> go.Figure:
+def roi_scatter(points: pd.DataFrame, x: str = "size_bytes",
+                highlight: str | None = None) -> go.Figure:
     """Accuracy against size (``x="size_bytes"``) or latency (``x="latency_ms_p50"``): the
-    teacher as a grey diamond, each student strategy as a dot with ± std over seeds.
+    teacher as a grey diamond, each student strategy as a dot in its colour (``highlight``,
+    the measured student, blue) with ± std over seeds.
 
     ``points``: ``kdcore.value.roi.strategy_points`` (columns ``model``, ``kind``, ``accuracy``,
     ``accuracy_std``, ``seeds``, ``size_bytes``, ``latency_ms_p50``, ...). Every strategy
@@ -539,7 +551,8 @@ def roi_scatter(points: pd.DataFrame, x: str = "size_bytes") -> go.Figure:
             customdata=np.stack([students["accuracy_std"], students["seeds"]], 1),
             hovertemplate=("%{text}: %{y:.1%} ± %{customdata[0]:.1%} over %{customdata[1]} "
                            f"seeds at %{{x:,.4g}} {unit}<extra></extra>"),
-            marker=dict(size=11, color=STUDENT)))
+            marker=dict(size=11, color=list(strategy_colours(students["model"].tolist(),
+                                                             highlight).values()))))
     values = points[x].astype(float)
     values = values[values > 0]
     if len(values):
@@ -555,17 +568,14 @@ def roi_cost_bars(cost: dict, student: str = "student") -> go.Figure:
     """Monthly serving cost of the teacher and the student from a ``kdcore.value.roi`` ``cost``
     object (``teacher_monthly``, ``student_monthly``, ``saving_monthly``)."""
     values = [float(cost["teacher_monthly"]), float(cost["student_monthly"])]
-
-    def money(v: float) -> str:
-        return f"${v:,.2f}" if v >= 1 or v == 0 else f"${v:.3g}"
-
     fig = go.Figure(go.Bar(
         x=["teacher", f"student ({student})"], y=values, marker_color=[TEACHER, STUDENT],
-        text=[money(v) for v in values], textposition="outside",
+        text=[format_money(v) for v in values], textposition="outside",
         hovertemplate="%{x}: $%{y:,.4g} a month<extra></extra>"))
     top = max(values) if max(values) > 0 else 1.0
     fig.update_yaxes(title_text="serving cost, $ a month", tickprefix="$", range=[0, top * 1.25])
     fig.update_layout(showlegend=False, bargap=0.45)
     saving = float(cost["saving_monthly"])
-    what = f"saving {money(saving)}" if saving >= 0 else f"the student costs {money(-saving)} more"
+    what = (f"saving {format_money(saving)}" if saving >= 0
+            else f"the student costs {format_money(-saving)} more")
     return _finish(fig, f"Monthly serving cost ({what} a month)", height=360)

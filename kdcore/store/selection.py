@@ -1,0 +1,201 @@
+"""Which runs belong together, and which one is "the student": one definition for the dashboard's
+pages, the CLI (``kdcore roi``, ``kdcore report``) and the report.
+
+- comparable runs (:func:`comparable_groups`): finished runs trained with identical settings
+  apart from the strategy and the seed, one comparison each;
+- the comparison shown first (:func:`headline`): on a bundle, the one holding the demo's runs,
+  else the largest;
+- the best student (:func:`best_student`): in one comparison, the bias-aware strategy with the
+  highest mean test accuracy over its seeds (more seeds break a tie); with no bias-aware
+  strategy, the best of the others. Vanilla KD and ce are the baselines a bias-aware student is
+  measured against, so they are "the student" only when nothing else was trained. Its run to
+  measure is the seed closest to that mean (:func:`closest_to_mean`);
+- pending runs (:func:`pending`): queued or running;
+- the demo's runs (:func:`demo_runs`): what ``kdcore demo`` trains.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from kdcore.data.bundles import load_bundle, sample_bundle_path
+from kdcore.errors import KDCoreError
+from kdcore.learning.strategies import (
+    DEFAULT_STRATEGIES,
+    is_bias_aware,
+    parse_strategy,
+    strategy_order,
+)
+from kdcore.learning.train import TrainConfig
+from kdcore.store.runs import Run, config_key
+
+PENDING = ("queued", "running")
+DEMO_SEEDS = 5
+
+# Config fields that vary inside one comparison; every other field must match.
+_VARYING = ("strategy", "seed", "normalisation", "device")
+# Settings named in a comparison's label, in this order (others are named when they differ).
+_SHOWN = {"epochs": "{} epochs", "temperature": "T={:g}", "lam": "λ={:g}", "lr": "lr={:g}"}
+
+
+def pending(runs: Sequence[Run]) -> list[Run]:
+    """The runs still to finish: queued or running."""
+    return [r for r in runs if r.status in PENDING]
+
+
+def on_bundle(runs: Sequence[Run], path: str | Path) -> list[Run]:
+    """The runs trained on the dataset at ``path`` (a bundle folder or a tabular file)."""
+    target = Path(path).resolve()
+    return [r for r in runs if _data_path(r) == target]
+
+
+def _data_path(run: Run) -> Path | None:
+    path = run.config.get("bundle") or run.bundle
+    try:
+        return Path(path).resolve() if path else None
+    except (OSError, ValueError):
+        return None
+
+
+def demo_configs() -> list[TrainConfig]:
+    """What ``kdcore demo`` (the Overview's "Run the demo") trains: the default strategies x
+    DEMO_SEEDS seeds on the bundled sample with its default settings."""
+    sample = load_bundle(None)
+    return [TrainConfig.for_bundle(sample, strategy=s, seed=seed)
+            for s in DEFAULT_STRATEGIES for seed in range(DEMO_SEEDS)]
+
+
+def demo_runs(runs: Sequence[Run]) -> list[Run]:
+    """The runs of the demo (:func:`demo_configs`) among ``runs``."""
+    try:
+        keys = {config_key(c.to_dict()) for c in demo_configs()}
+    except KDCoreError:
+        return []
+    return [r for r in runs if (r.config_key or config_key(r.config)) in keys]
+
+
+# --------------------------------------------------------------------------- comparisons
+
+
+def _finished(runs: Sequence[Run]) -> list[Run]:
+    """Done runs with a test accuracy, oldest first (so the newest of a seed wins)."""
+    return sorted((r for r in runs if r.status == "done"
+                   and r.metrics.get("test_accuracy") is not None), key=lambda r: r.created_at)
+
+
+def _normalisation_matters(run: Run) -> bool:
+    """Normalisation changes only the bias-aware parts; btkd always uses subset."""
+    try:
+        return run.strategy != "btkd" and parse_strategy(run.strategy or "").bias_aware
+    except KDCoreError:
+        return False
+
+
+def _normalisation(run: Run) -> str | None:
+    """The normalisation that tells a run's comparison apart, if its strategy uses one."""
+    return run.config.get("normalisation", "batch") if _normalisation_matters(run) else None
+
+
+def _settings(run: Run) -> tuple:
+    return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in run.config.items()
+                        if k not in _VARYING))
+
+
+def comparable_groups(runs: Sequence[Run]) -> dict[str, list[Run]]:
+    """The finished runs (done, with a test accuracy) split into comparisons with identical
+    settings, largest first, each keyed by a label naming its settings.
+
+    Runs whose strategy ignores normalisation (ce, kd, dkd, btkd) join every comparison with
+    otherwise equal settings, so kd is the baseline of both a batch and a subset comparison.
+    Within a comparison the newest run of each (strategy, seed) counts.
+    """
+    by_settings: dict[tuple, list[Run]] = {}
+    for run in _finished(runs):
+        by_settings.setdefault(_settings(run), []).append(run)
+    groups: list[tuple[str, list[Run]]] = []
+    differing = _differing_keys(list(by_settings))
+    for settings, members in by_settings.items():
+        norms = sorted({_normalisation(r) for r in members} - {None}) or [None]
+        for norm in norms:
+            chosen = [r for r in members if _normalisation(r) in (None, norm)]
+            newest = {(r.strategy, r.seed): r for r in chosen}
+            groups.append((_label(dict(settings), differing, norm), list(newest.values())))
+    groups.sort(key=lambda item: -len(item[1]))
+    return dict(groups)
+
+
+def _differing_keys(settings: list[tuple]) -> list[str]:
+    values: dict[str, set[str]] = {}
+    for entry in settings:
+        for key, value in entry:
+            values.setdefault(key, set()).add(value)
+    return sorted(k for k, v in values.items()
+                  if len(v) > 1 and k not in _SHOWN and k != "bundle")
+
+
+def _label(settings: dict[str, str], differing: list[str], norm: str | None) -> str:
+    values = {k: json.loads(v) for k, v in settings.items()}
+    parts = [Path(str(values.get("bundle", "?"))).name]
+    parts += [fmt.format(values[k]) for k, fmt in _SHOWN.items() if k in values]
+    parts += [f"{k}={values[k]}" for k in differing if k in values]
+    if norm is not None:
+        parts.append(f"{norm} normalisation")
+    return " · ".join(parts)
+
+
+def headline(groups: dict[str, list[Run]], path: str | Path | None = None) -> str | None:
+    """The key of the comparison to show first among ``groups`` (:func:`comparable_groups`):
+    on the dataset at ``path`` (default: the bundled sample), the one holding a finished demo
+    run, else the largest; None when none is on that dataset."""
+    path = sample_bundle_path() if path is None else path
+    on = [key for key, group in groups.items() if on_bundle(group[:1], path)]
+    demo = {r.id for r in demo_runs([r for key in on for r in groups[key]])}
+    return next((key for key in on if any(r.id in demo for r in groups[key])),  # largest first
+                on[0] if on else None)
+
+
+def recipe(runs: Sequence[Run], run: Run) -> list[Run]:
+    """``run`` and the other seeds of its strategy in its comparison (the newest finished run
+    per seed), by seed; ``run`` stands for its own seed."""
+    same = {r.seed: r for r in _finished(runs) if r.strategy == run.strategy
+            and _settings(r) == _settings(run) and _normalisation(r) == _normalisation(run)}
+    same[run.seed] = run
+    return [same[s] for s in sorted(same, key=lambda s: (s is None, s or 0))]
+
+
+# --------------------------------------------------------------------------- the student
+
+
+def by_strategy(group: Sequence[Run]) -> dict[str, list[Run]]:
+    """A comparison's runs per strategy, strategies in reading order, runs by seed."""
+    out: dict[str, list[Run]] = {}
+    for run in sorted(group, key=lambda r: (r.seed is None, r.seed or 0)):
+        out.setdefault(run.strategy, []).append(run)
+    return {name: out[name] for name in strategy_order(list(out))}
+
+
+def mean_accuracy(runs: Sequence[Run]) -> float:
+    """Mean last-epoch test accuracy over the runs (the seeds of one strategy)."""
+    return float(np.mean([float(r.metrics["test_accuracy"]) for r in runs]))
+
+
+def best_student(group: Sequence[Run]) -> str | None:
+    """The strategy that is "the student" of a comparison (see the module's docstring);
+    None for an empty one."""
+    strategies = by_strategy(group)
+    aware = [n for n in strategies if is_bias_aware(n)]
+    names = aware or list(strategies)
+    if not names:
+        return None
+    return max(names, key=lambda n: (mean_accuracy(strategies[n]), len(strategies[n])))
+
+
+def closest_to_mean(runs: Sequence[Run]) -> Run:
+    """Of one strategy's seeds, the run whose accuracy is closest to their mean: the one to
+    measure as the student."""
+    mean = mean_accuracy(runs)
+    return min(runs, key=lambda r: abs(float(r.metrics["test_accuracy"]) - mean))

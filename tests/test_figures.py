@@ -1,0 +1,124 @@
+"""kdcore.value.figures: pure figures, one palette, the same colours in the app and the report."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from streamlit.testing.v1 import AppTest
+
+from kdcore.analysis.analyzer import report, select
+from kdcore.analysis.bias import reliability
+from kdcore.data.sources import load_predictions
+from kdcore.store.runs import RunStore
+from kdcore.value import figures
+from kdcore.value.report import build_report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_charts_are_pure_figures():
+    rep = report(select(load_predictions(None), "test"))
+    k = len(rep.class_names)
+    drawn = [
+        figures.bias_rate_bars(rep.per_class),
+        figures.error_confusion_heatmap(rep.error_confusion, rep.class_names, normalise=True),
+        figures.error_confusion_heatmap(np.zeros((k, k), int), rep.class_names),
+        figures.top_confusions_bar(rep.top_confusions),
+        figures.confidence_histogram(rep.confidence, rep.wrong),
+        figures.reliability_diagram(reliability(rep.confidence, ~rep.wrong)),
+        figures.probability_bars(rep.class_names, np.full(k, 1 / k), np.full(k, 1 / k),
+                                 true_class=1),
+        figures.image_grid(np.zeros((3, 8, 8)), ["a", "b", "c"]),
+        figures.per_class_before_after(pd.DataFrame({"class": rep.class_names,
+                                                     "teacher": rep.per_class.teacher_accuracy,
+                                                     "kd": rep.per_class.teacher_accuracy})),
+    ]
+    assert all(isinstance(f, figures.Figure) and f.layout.title.text is not None
+               for f in drawn[:7])
+    assert "streamlit" not in Path(figures.__file__).read_text()
+
+
+def test_roi_charts():
+    points = pd.DataFrame([
+        {"model": "teacher", "kind": "teacher", "accuracy": 0.89, "accuracy_std": 0.0,
+         "seeds": 0, "size_bytes": 1.2e6, "latency_ms_p50": 0.05},
+        {"model": "kd", "kind": "student", "accuracy": 0.91, "accuracy_std": 0.01,
+         "seeds": 5, "size_bytes": 1.2e4, "latency_ms_p50": 0.02},
+    ])
+    for x in ("size_bytes", "latency_ms_p50"):
+        fig = figures.roi_scatter(points, x)
+        assert [t.name for t in fig.data][0] == "teacher" and fig.layout.xaxis.type == "log"
+    fig = figures.roi_cost_bars({"teacher_monthly": 2.0, "student_monthly": 0.5,
+                                 "saving_monthly": 1.5}, "kd")
+    assert list(fig.data[0].y) == [2.0, 0.5] and "saving $1.50" in fig.layout.title.text
+
+
+def test_a_strategy_keeps_its_colour_on_every_chart():
+    df = pd.DataFrame({"class": ["0", "1"], "teacher": [0.9, 0.5], "kd": [0.9, 0.6],
+                       "kd+be+br": [0.95, 0.8]})
+    summary = {"teacher_test_accuracy": 0.8, "strategies": {
+        name: {"mean": 0.9, "std": 0.01, "seeds": [0, 1]} for name in ("ce", "kd", "kd+be+br")}}
+    points = pd.DataFrame([{"model": m, "kind": "student", "accuracy": 0.9, "accuracy_std": 0.0,
+                            "seeds": 2, "size_bytes": 1e4, "latency_ms_p50": 0.02}
+                           for m in ("ce", "kd", "kd+be+br")])
+    epochs = pd.DataFrame([{"strategy": m, "seed": 0, "epoch": 0, "test_accuracy": 0.5}
+                           for m in ("ce", "kd", "kd+be+br")])
+    seen = defaultdict(set)
+    for fig in (figures.per_class_before_after(df, highlight="kd+be+br"),
+                figures.per_class_change(df, "kd+be+br"),
+                figures.strategy_accuracy_bars(summary, "kd+be+br"),
+                figures.roi_scatter(points, highlight="kd+be+br"),
+                figures.learning_curves(epochs, highlight="kd+be+br")):
+        for name, colour in colours(json.loads(fig.to_json())).items():
+            seen[name].add(colour)
+    assert seen == {"teacher": {figures.TEACHER}, "kd+be+br": {figures.STUDENT},
+                    "kd": {figures.STRATEGY_COLOURS["kd"]}, "ce": {figures.STRATEGY_COLOURS["ce"]}}
+    other = figures.strategy_colours(["kd+xx", "dkd+be"])
+    assert other == figures.strategy_colours(["dkd+be", "kd+xx"])  # fixed, whatever the company
+    assert figures.STUDENT not in other.values()
+
+
+def colours(spec: dict) -> dict[str, str]:
+    """Strategy name -> colour of the traces of one figure's JSON (app or report)."""
+    out = {}
+    for trace in spec["data"]:
+        colour = trace.get("marker", {}).get("color") or trace.get("line", {}).get("color")
+        if isinstance(colour, list):  # one bar or dot per strategy
+            names = trace.get("text") if trace.get("type") == "scatter" else trace.get("x")
+            out.update(zip(map(str, names), colour, strict=True))
+        elif colour is not None and trace.get("name"):
+            out[trace["name"]] = colour
+    return out
+
+
+def test_the_report_and_the_dashboard_draw_a_strategy_in_one_colour(trained, monkeypatch):
+    ws, runs = trained
+    strategies = {r.strategy for r in runs}
+    monkeypatch.setenv("KDCORE_HOME", str(ws))
+    monkeypatch.setitem(sys.modules, "__main__", sys.modules["__main__"])
+    seen = defaultdict(set)
+
+    def note(spec: dict, where: str) -> None:
+        for name, colour in colours(spec).items():
+            if name in strategies or name == "teacher":
+                seen[name].add((colour, where))
+
+    for chart in build_report(RunStore(ws)).charts:
+        note(json.loads(chart.figure.to_json()), f"report {chart.slug}")
+    for page in ("overview", "results", "roi"):
+        at = AppTest.from_file(str(ROOT / "dashboard" / "app_pages" / f"{page}.py"),
+                               default_timeout=120).run()
+        assert not at.exception
+        for element in at.get("plotly_chart"):
+            if "results_delta_chart" not in element.proto.id:  # green/red: gain or loss
+                note(json.loads(element.proto.spec), f"{page} {element.proto.id}")
+    places = {where for found in seen.values() for _, where in found}
+    assert len(places) >= 12  # report 4 charts, overview 1, results 4, roi 3
+    assert {c for c, _ in seen["kd+be+br+dl"]} == {figures.STUDENT}  # the best student
+    assert {c for c, _ in seen["kd"]} == {figures.STRATEGY_COLOURS["kd"]}
+    assert {c for c, _ in seen["teacher"]} == {figures.TEACHER}
