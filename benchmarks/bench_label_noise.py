@@ -17,7 +17,7 @@ On the bundled sample (``digits_vendor``), for each of 5 seeds s = 0..4:
 
 Prints the detection figures, test accuracy mean +- std over the seeds, and the paired
 difference of each ``+lq`` variant against the same strategy without it, with a 95%
-t-interval (kdcore.value.compare.paired_difference). The test split is clean and held out.
+t-interval (kdcore.analysis.metrics.paired_difference). The test split is clean and held out.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from kdcore.analysis.label_quality import assess
+from kdcore.analysis.metrics import paired_difference
 from kdcore.data.bundles import load_bundle
 from kdcore.learning.train import TrainConfig, train_student
-from kdcore.value.compare import paired_difference
 
 NOISE_RATE = 0.15
 SEEDS = (0, 1, 2, 3, 4)

@@ -8,7 +8,10 @@ workspace, then accepted uploads (kept in ``st.session_state["data_uploads"]``).
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -17,7 +20,7 @@ import streamlit as st
 from kdcore.data.bundles import Bundle, is_bundle, load_bundle, sample_bundle_path
 from kdcore.data.sources import load_predictions
 from kdcore.data.tables import LOGIT_PREFIX, PredictionTable, read_prediction_table
-from kdcore.errors import KDCoreError
+from kdcore.errors import DataError, KDCoreError
 from kdcore.store.runs import RunStore
 from kdcore.workspace import resolve_workspace
 
@@ -62,15 +65,34 @@ def sources() -> dict[str, str]:
     return choices
 
 
+@contextmanager
+def _readable(path: str) -> Iterator[None]:
+    """Any failure to read the bundle at ``path`` as a one-line DataError with the fix: a folder
+    dropped into <workspace>/bundles is user input, and pages show a KDCoreError as one line
+    where anything else would be a traceback in the browser."""
+    try:
+        yield
+    except KDCoreError:
+        raise
+    except Exception as exc:  # the bundle's content decides what is raised
+        detail = " ".join(str(exc).split())[:200] or "no detail"
+        raise DataError(f"the bundle {path} cannot be read ({type(exc).__name__}: {detail}); "
+                        "fix its manifest.json and data.npz (see sample_data/README.md) or move "
+                        f"the folder out of {Path(path).parent}") from None
+
+
 @st.cache_data(show_spinner="Loading the data…", max_entries=8)
 def _load_path(path: str, mtime: float) -> PredictionTable:
-    return load_predictions(path)
+    with _readable(path):
+        return load_predictions(path)
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
 def _load_bundle(path: str, mtime: float) -> Bundle:
-    bundle = load_bundle(path)
-    bundle.arrays  # read the arrays once, here  # noqa: B018
+    with _readable(path):
+        bundle = load_bundle(path)
+        # read once, here, what the pages read: a bad bundle fails now, as one line
+        bundle.arrays, bundle.class_names, bundle.training_defaults  # noqa: B018
     return bundle
 
 
@@ -92,10 +114,12 @@ def source_token(name: str) -> str:
 
 
 def load_source(name: str) -> PredictionTable:
-    """The prediction table behind a source name (raises KeyError for an unknown name)."""
+    """The prediction table behind a source name (raises KeyError for an unknown name, a
+    DataError for a bundle that cannot be read)."""
     value = sources()[name]
     if value.startswith(UPLOAD_PREFIX):
         return st.session_state[UPLOADS][name]
+    source_bundle(name)  # the whole bundle checked here, so a later source_bundle() works
     return _load_path(value, _mtime(value))
 
 
@@ -108,12 +132,18 @@ def source_bundle(name: str) -> Bundle | None:
 
 
 def max_upload_bytes() -> int:
-    """The upload size limit: $KDCORE_MAX_UPLOAD_MB megabytes (default 200)."""
+    """The upload size limit: $KDCORE_MAX_UPLOAD_MB megabytes (default 200); a DataError with
+    the fix unless it is a positive, finite number."""
+    text = os.environ.get("KDCORE_MAX_UPLOAD_MB", "200")
     try:
-        mb = float(os.environ.get("KDCORE_MAX_UPLOAD_MB", "200"))
+        mb = float(text)
     except ValueError:
-        mb = 200.0
-    return int(max(mb, 1) * 1024**2)
+        mb = math.nan
+    if not (math.isfinite(mb) and mb > 0):
+        raise DataError(f"KDCORE_MAX_UPLOAD_MB={text!r} is not a size in megabytes; set it to a "
+                        "positive number such as 200 (or unset it for 200) and restart the "
+                        "dashboard")
+    return int(mb * 1024**2)
 
 
 def validate_upload(name: str, data: bytes) -> PredictionTable:

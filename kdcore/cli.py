@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Callable
 from importlib import resources
@@ -45,6 +46,22 @@ def emit_json(doc: dict) -> None:
     print(json.dumps(_clean(doc), default=_json_default, allow_nan=False, indent=2))
 
 
+# C0 and C1 control characters except the line break, DEL, and the bidirectional overrides
+_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def terminal_text(text: object) -> str:
+    """Text for a terminal with the control characters of user text (an ANSI escape in a class
+    name, a carriage return, a bidi override) written out as ``\\x1b``, ``\\r``, ``\\u202e``:
+    a class name cannot recolour the terminal, move the cursor or hide what was printed."""
+    return _CONTROL.sub(lambda m: ascii(m.group())[1:-1], str(text))
+
+
+def say(text: object, *, file=None, flush: bool = False) -> None:
+    """print() for text output (tables, messages, errors): through terminal_text."""
+    print(terminal_text(text), file=file, flush=flush)
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x * 100:.1f}%"
 
@@ -60,42 +77,43 @@ def _progress(enabled: bool, total: int, desc: str, unit: str):
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from kdcore.analysis.analyzer import STREAMED_LABEL_QUALITY, analyze_path
-    from kdcore.data.sources import source_name
-    from kdcore.store.overrides import load_overrides
+    from kdcore.analysis.analyzer import STREAMED_LABEL_QUALITY, analyze_path, should_stream
+    from kdcore.store.overrides import overrides_for
 
-    overrides = load_overrides(args.workspace, source_name(args.path))
-    doc = analyze_path(args.path, split=args.split, top=args.top, stream=args.stream or None,
+    stream = args.stream or None
+    overrides = ({} if should_stream(args.path, stream)  # streamed: no label check to apply
+                 else overrides_for(args.workspace, args.path))
+    doc = analyze_path(args.path, split=args.split, top=args.top, stream=stream,
                        overrides=overrides)
     doc.setdefault("likely_label_errors", dict(STREAMED_LABEL_QUALITY))
     if args.json:
         emit_json(doc)
         return 0
-    print(f"{doc['source']}: {doc['n_samples']} samples, {doc['n_classes']} classes"
-          + (f", split {args.split}" if args.split else ""))
+    say(f"{doc['source']}: {doc['n_samples']} samples, {doc['n_classes']} classes"
+        + (f", split {args.split}" if args.split else ""))
     for name, part in doc.get("splits", {}).items():
         if part.get("labelled") is False:
-            print(f"  {name:<11} {part['n_samples']:>7} samples, unlabelled ({part['meaning']})")
+            say(f"  {name:<11} {part['n_samples']:>7} samples, unlabelled ({part['meaning']})")
         else:
-            print(f"  {name:<11} {part['n_samples']:>7} samples, teacher accuracy "
-                  f"{_pct(part['teacher_accuracy'])} ({part['meaning']})")
+            say(f"  {name:<11} {part['n_samples']:>7} samples, teacher accuracy "
+                f"{_pct(part['teacher_accuracy'])} ({part['meaning']})")
     if "teacher_accuracy" not in doc:
         return 0
-    print(f"\nTeacher accuracy {_pct(doc['teacher_accuracy'])}, bias rate {_pct(doc['bias_rate'])}"
-          f" on {'all labelled rows' if not args.split else args.split}\n")
+    say(f"\nTeacher accuracy {_pct(doc['teacher_accuracy'])}, bias rate {_pct(doc['bias_rate'])}"
+        f" on {'all labelled rows' if not args.split else args.split}\n")
     per_class = pd.DataFrame(doc["per_class"])[
         ["class", "support", "teacher_accuracy", "bias_rate", "most_confused_with"]].fillna("-")
-    print(per_class.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    say(per_class.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     lq = doc["likely_label_errors"]
     if lq.get("available"):
-        print(f"\nOf {lq['n_teacher_wrong']} teacher mistakes, {lq['count']} look like label "
-              f"errors (the teacher is probably right) and {lq['n_teacher_wrong'] - lq['count']} "
-              f"like teacher bias ({lq['method']}).")
+        say(f"\nOf {lq['n_teacher_wrong']} teacher mistakes, {lq['count']} look like label "
+            f"errors (the teacher is probably right) and {lq['n_teacher_wrong'] - lq['count']} "
+            f"like teacher bias ({lq['method']}).")
     else:
-        print(f"\nLabel errors vs teacher bias: not assessed ({lq['reason']}).")
+        say(f"\nLabel errors vs teacher bias: not assessed ({lq['reason']}).")
     if doc["top_confusions"]:
-        print("\nTop confusions (true -> teacher's prediction):")
-        print(pd.DataFrame(doc["top_confusions"]).to_string(
+        say("\nTop confusions (true -> teacher's prediction):")
+        say(pd.DataFrame(doc["top_confusions"]).to_string(
             index=False, float_format=lambda v: f"{v:.3f}"))
     return 0
 
@@ -145,7 +163,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from kdcore.store.jobs import execute_distributed, execute_run
     from kdcore.store.runs import RunStore
 
-    bundle = _load_training_data(args)
+    for flag, value in (("--threads", args.threads), ("--nproc", args.nproc)):
+        if value < 1:
+            raise DataError(f"{flag} {value} is out of range; give 1 or more")
+    bundle = _load_training_data(args)  # checked with the options by for_bundle, before the store
     config = TrainConfig.for_bundle(bundle, strategy=args.strategy, seed=args.seed,
                                     **_train_overrides(args))
     store = RunStore(args.workspace)
@@ -183,7 +204,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             metrics = execute_run(run_id, workspace=store.workspace, threads=args.threads,
                                   on_step=on_step)
         except Cancelled:
-            print(f"run {run_id} cancelled", file=sys.stderr)
+            say(f"run {run_id} cancelled", file=sys.stderr)
             return 1
         finally:
             bar.close()
@@ -191,12 +212,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(doc)
     else:
-        print(f"run {run_id}: {config.strategy}, seed {config.seed}: test accuracy "
-              f"{_pct(metrics['test_accuracy'])} "
-              f"(best epoch {_pct(metrics['best_test_accuracy'])}), "
-              f"teacher {_pct(metrics['teacher_test_accuracy'])}, copies "
-              f"{_pct(metrics['bias_inheritance'])} of the teacher's test errors"
-              + (f", {metrics['world_size']} processes" if metrics["world_size"] > 1 else ""))
+        say(f"run {run_id}: {config.strategy}, seed {config.seed}: test accuracy "
+            f"{_pct(metrics['test_accuracy'])} "
+            f"(best epoch {_pct(metrics['best_test_accuracy'])}), "
+            f"teacher {_pct(metrics['teacher_test_accuracy'])}, copies "
+            f"{_pct(metrics['bias_inheritance'])} of the teacher's test errors"
+            + (f", {metrics['world_size']} processes" if metrics["world_size"] > 1 else ""))
     return 0
 
 
@@ -241,11 +262,11 @@ def _print_summary(summary: dict) -> None:
             "best-epoch acc": f"{e['best_epoch_mean'] * 100:.2f}",
             "seeds": len(e["seeds"]),
         })
-    print(f"Teacher test accuracy: {_pct(summary['teacher_test_accuracy'])}")
-    print(pd.DataFrame(rows).to_string(index=False))
-    print("(test acc is the last epoch; best-epoch acc picks the epoch on the test set, "
-          "so it is optimistic)")
-    print(f"\nVerdict: {summary['verdict']}")
+    say(f"Teacher test accuracy: {_pct(summary['teacher_test_accuracy'])}")
+    say(pd.DataFrame(rows).to_string(index=False))
+    say("(test acc is the last epoch; best-epoch acc picks the epoch on the test set, "
+        "so it is optimistic)")
+    say(f"\nVerdict: {summary['verdict']}")
 
 
 def _strategies(text: str) -> list[str]:
@@ -281,18 +302,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     train = doc["splits"]["train"]
     test = doc["splits"]["test"]
     top = test["top_confusions"][:3]
-    print(f"Bundled sample {doc['source']}: the teacher is right on "
-          f"{_pct(test['teacher_accuracy'])}"
-          f" of held-out test images and {_pct(train['teacher_accuracy'])} of the labelled "
-          "distillation images.")
+    say(f"Bundled sample {doc['source']}: the teacher is right on "
+        f"{_pct(test['teacher_accuracy'])}"
+        f" of held-out test images and {_pct(train['teacher_accuracy'])} of the labelled "
+        "distillation images.")
     if top:
-        print("Its most frequent mistakes on held-out images: " + ", ".join(
+        say("Its most frequent mistakes on held-out images: " + ", ".join(
             f"{c['true']} read as {c['predicted']} ({c['count']}x)" for c in top))
-    print(f"\nTraining {len(DEFAULT_STRATEGIES)} strategies x {args.seeds} seeds "
-          "(finished identical runs are reused)...", flush=True)
+    say(f"\nTraining {len(DEFAULT_STRATEGIES)} strategies x {args.seeds} seeds "
+        "(finished identical runs are reused)...", flush=True)
     summary = _run_compare(args, list(DEFAULT_STRATEGIES), args.seeds, {})
     _print_summary(summary)
-    print("\nExplore it: kdcore dashboard   (or: make dashboard)")
+    say("\nExplore it: kdcore dashboard   (or: make dashboard)")
     return 0
 
 
@@ -310,12 +331,15 @@ def cmd_runs(args: argparse.Namespace) -> int:
         if args.json:
             emit_json({"runs": to_frame(runs).to_dict(orient="records")})
         elif not runs:
-            print(f"no runs in {store.workspace}; try `kdcore demo`")
+            say(f"no runs in {store.workspace}; try `kdcore demo`")
         else:
             table = to_frame(runs)[["id", "created_at", "strategy", "seed", "status",
                                     "test_accuracy", "bias_inheritance"]]
             table["created_at"] = table["created_at"].str.slice(0, 19).str.replace("T", " ")
-            print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+            say(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+            for run in runs:
+                if run.unreadable:
+                    say(f"run {run.id}: {run.error}")
         return 0
     if not args.run_id:
         raise DataError(f"`kdcore runs {action}` needs a run id; `kdcore runs` lists them")
@@ -329,20 +353,20 @@ def cmd_runs(args: argparse.Namespace) -> int:
             emit_json(doc)
         else:
             for key in ("id", "status", "strategy", "seed", "created_at", "finished_at", "error"):
-                print(f"{key:>12}: {doc[key]}")
+                say(f"{key:>12}: {doc[key]}")
             for key in ("test_accuracy", "best_test_accuracy", "bias_inheritance",
                         "teacher_test_accuracy"):
                 if run.metrics and key in run.metrics:
-                    print(f"{key:>12}: {_pct(run.metrics[key])}" if len(key) <= 12
-                          else f"{key}: {_pct(run.metrics[key])}")
-            print("      config: " + json.dumps(run.config))
+                    say(f"{key:>12}: {_pct(run.metrics[key])}" if len(key) <= 12
+                        else f"{key}: {_pct(run.metrics[key])}")
+            say("      config: " + json.dumps(run.config))
         return 0
     if action == "rm":
         removed = store.delete(args.run_id)
-        print(f"removed run {removed}")
+        say(f"removed run {removed}")
         return 0
     if action == "cancel":
-        print(f"cancel requested for run {cancel_job(args.run_id, workspace=store.workspace)}")
+        say(f"cancel requested for run {cancel_job(args.run_id, workspace=store.workspace)}")
         return 0
     raise DataError(f"unknown action {action!r}; use list, show, rm or cancel")
 
@@ -359,7 +383,8 @@ def _assumptions(args: argparse.Namespace):
 
 def cmd_roi(args: argparse.Namespace) -> int:
     from kdcore.store.runs import RunStore
-    from kdcore.value.roi import format_money, public, roi, roi_table
+    from kdcore.value.formatting import format_money
+    from kdcore.value.roi import public, roi, roi_table
 
     doc = roi(RunStore(args.workspace), args.bundle, args.run, assumptions=_assumptions(args),
               threads=args.threads, repeats=args.repeats)
@@ -367,14 +392,14 @@ def cmd_roi(args: argparse.Namespace) -> int:
         emit_json(public(doc))
         return 0
     m, a = doc["measurement"], doc["cost"]["assumptions"]
-    print(f"{doc['bundle']}: teacher vs student run {doc['run_id']} ({doc['strategy']}), "
-          f"measured now on this machine ({m['device']}, {m['threads']} thread(s))\n")
-    print(roi_table(doc).to_string(index=False))
-    print(f"\nAssumptions: {a['requests_per_month']:,.0f} requests a month, "
-          f"{format_money(a['cost_per_hour'])} per machine-hour, {a['utilisation']:.0%} "
-          f"utilisation (change with --requests-per-month, --cost-per-hour, --utilisation).")
-    print(f"Cost model: {a['model']}.")
-    print(f"\n{doc['summary']}")
+    say(f"{doc['bundle']}: teacher vs student run {doc['run_id']} ({doc['strategy']}), "
+        f"measured now on this machine ({m['device']}, {m['threads']} thread(s))\n")
+    say(roi_table(doc).to_string(index=False))
+    say(f"\nAssumptions: {a['requests_per_month']:,.0f} requests a month, "
+        f"{format_money(a['cost_per_hour'])} per machine-hour, {a['utilisation']:.0%} "
+        f"utilisation (change with --requests-per-month, --cost-per-hour, --utilisation).")
+    say(f"Cost model: {a['model']}.")
+    say(f"\n{doc['summary']}")
     return 0
 
 
@@ -392,6 +417,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     data = build_report(RunStore(args.workspace), args.bundle, args.run,
                         assumptions=_assumptions(args), threads=args.threads)
     written = write_report(data, out, args.format)
+    if data.roi_error:  # the rest of the report stands; it says why the ROI is missing
+        say(f"note: the report has no ROI section: {data.roi_error}", file=sys.stderr)
     if args.json:
         emit_json({"files": [str(p) for p in written], "format": args.format,
                    "bundle": data.bundle.name, "runs": [r.id for r in data.runs],
@@ -399,10 +426,10 @@ def cmd_report(args: argparse.Namespace) -> int:
                    "roi_run_id": data.roi["run_id"] if data.roi else None})
         return 0
     for path in written:
-        print(path)
+        say(path)
     if not data.runs:
-        print("note: no students were trained yet; the report holds the teacher-bias analysis "
-              "only (run `kdcore demo` first)", file=sys.stderr)
+        say("note: no students were trained yet; the report holds the teacher-bias analysis "
+            "only (run `kdcore demo` first)", file=sys.stderr)
     return 0
 
 
@@ -496,7 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "unlabelled", "test"])
     p.add_argument("--top", type=int, default=10, help="how many top confusions")
     p.add_argument("--stream", action="store_true",
-                   help="read a Parquet table chunk by chunk (automatic above 2,000,000 rows)")
+                   help="read a Parquet table chunk by chunk (automatic above 2,000,000 rows "
+                        "or 200 MB of decompressed outputs)")
     p.add_argument("--json", action="store_true")
 
     p = command("train", cmd_train, "train one student and record the run", quiet=True)
@@ -575,20 +603,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "seeds", 1) is not None and getattr(args, "seeds", 1) < 1:
-        print("error: --seeds must be at least 1", file=sys.stderr)
+        say("error: --seeds must be at least 1", file=sys.stderr)
         return 2
     try:
         return args.fn(args)
     except KDCoreError as exc:
+        exc.args = (terminal_text(exc),)  # messages quote user text: class names, paths
         return report_error(exc)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        say("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # one line, never a traceback, unless asked for
         if os.environ.get("KDCORE_DEBUG"):
             raise
-        print(f"error: internal failure: {type(exc).__name__}: {exc} "
-              "(set KDCORE_DEBUG=1 for a traceback)", file=sys.stderr)
+        say(f"error: internal failure: {type(exc).__name__}: {exc} "
+            "(set KDCORE_DEBUG=1 for a traceback)", file=sys.stderr)
         return 1
 
 

@@ -66,15 +66,17 @@ def test_analyze_bad_file_exits_2_with_one_line(tmp_path):
     assert len(out.stderr.strip().splitlines()) == 1 and "bad.csv" in out.stderr
 
 
-def test_the_override_source_is_known_before_the_rows_are_read(tmp_path):
-    """The CLI loads a source's overrides by source_name, before analysing: the same name."""
-    from kdcore.data.sources import load_predictions, source_name
+def test_the_override_source_is_the_content_not_the_name(tmp_path):
+    """The CLI and the dashboard key a source's overrides by its content: the same key."""
+    from kdcore.data.sources import bundle_table, load_predictions, source_key
+    from kdcore.data.tables import read_prediction_table
 
-    assert source_name(None) == load_predictions(None).source == "digits_vendor"
+    assert source_key(load_predictions(None)) == source_key(bundle_table(load_bundle()))
     bundle = load_bundle()
     df = pd.DataFrame(bundle.teacher_logits("test"),
                       columns=[f"logit_{c}" for c in bundle.class_names])
     df.insert(0, "label", bundle.y("test"))
     path = tmp_path / "preds.csv"
     df.to_csv(path, index=False)
-    assert source_name(path) == load_predictions(path).source == "preds.csv"
+    uploaded = read_prediction_table(path.read_bytes(), name="renamed.csv")
+    assert source_key(load_predictions(path)) == source_key(uploaded)

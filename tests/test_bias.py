@@ -308,3 +308,34 @@ def test_data_and_analysis_import_neither_torch_nor_the_store():
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_above_the_class_limit_the_confusion_is_sparse_and_the_report_the_same(monkeypatch):
+    """Above SPARSE_CONFUSION_CLASSES no K x K array is made; every number stays the same."""
+    from scipy import sparse
+
+    from kdcore.analysis import bias
+
+    labels, logits = random_case(n=3001, k=12)
+    dense = decompose(labels, logits)
+    monkeypatch.setattr(bias, "SPARSE_CONFUSION_CLASSES", 11)
+    monkeypatch.setattr(bias, "_COMPACT_CELLS", 5)  # merge the accumulated cells often
+    one_shot = decompose(labels, logits)
+    accumulator = BiasAccumulator(12)
+    for start in range(0, len(labels), 400):
+        accumulator.update(labels[start : start + 400], logits[start : start + 400])
+    for got in (one_shot, accumulator.report()):
+        assert sparse.issparse(got.error_confusion)
+        np.testing.assert_array_equal(got.error_confusion.toarray(), dense.error_confusion)
+        pd.testing.assert_frame_equal(got.per_class, dense.per_class)
+        pd.testing.assert_frame_equal(got.top_confusions, dense.top_confusions)
+        assert got.accuracy == pytest.approx(dense.accuracy)
+        payload, expected = got.to_dict(), dense.to_dict()
+        true, predicted = np.nonzero(dense.error_confusion)
+        assert payload.pop("error_confusion") == [
+            [int(t), int(p), int(dense.error_confusion[t, p])]
+            for t, p in zip(true, predicted, strict=True)]
+        expected.pop("error_confusion")
+        pd.testing.assert_frame_equal(pd.DataFrame(payload.pop("per_class")),
+                                      pd.DataFrame(expected.pop("per_class")))
+        assert payload == expected

@@ -1,16 +1,22 @@
-"""The dashboard in a real browser: the server starts, every page renders, nothing raises.
+"""The dashboard in a real browser: the server starts, every page renders, nothing raises, and
+the Teacher-bias page draws its charts on a fresh server every time (it once hung for good).
 
 AppTest runs pages without a browser; this test catches what only a served app shows (the
-router, static assets, a page that breaks on the wire). Skips without Playwright or Chromium.
+router, static assets, a page that breaks on the wire, a page that never finishes). Each server
+runs in its own process group and is stopped, group and all, whatever the test's outcome.
+Skips without Playwright or Chromium.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.request import urlopen
 
@@ -21,6 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = {"": "Can the student beat its biased teacher?", "teacher_bias": "Teacher bias",
          "train": "Train students", "results": "Results", "roi": "Is the student worth it?",
          "data": "Data"}
+STARTUP_S = 90  # a cold server on a busy machine
+HANG_S = 20     # from opening the Teacher-bias page to its charts: longer is a hang
+ROUNDS = 5
 
 
 def _free_port() -> int:
@@ -29,44 +38,130 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(trained):
-    workspace, _ = trained
+def _alive_in_group(pgid: int) -> list[int]:
+    """Processes of the group that still run (zombies are dead, only not yet reaped)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
+
+
+def _stop(proc: subprocess.Popen) -> str | None:
+    """SIGTERM to the server's process group, then SIGKILL to whatever is left; None when the
+    server stopped on SIGTERM and left nothing behind, else what went wrong."""
+    problem = None
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        problem = "the dashboard ignored SIGTERM for 20 s"
+    deadline = time.monotonic() + 10
+    while (left := _alive_in_group(proc.pid)) and time.monotonic() < deadline:
+        problem = problem or f"processes {left} outlived the dashboard"
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    proc.wait(timeout=10)
+    left = _alive_in_group(proc.pid)
+    return problem if not left else f"{problem}; still running after SIGKILL: {left}"
+
+
+@contextmanager
+def dashboard(workspace: Path) -> Iterator[str]:
+    """A fresh `kdcore dashboard` on a free port in its own process group; its URL."""
     port = _free_port()
     env = {**os.environ, "KDCORE_HOME": str(workspace)}
     proc = subprocess.Popen([sys.executable, "-m", "kdcore", "dashboard", "--port", str(port)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            with urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("the dashboard did not answer /_stcore/health within 90 s")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the dashboard exited with status {proc.returncode} at start")
+            if time.monotonic() > deadline:
+                pytest.fail(f"the dashboard did not answer /_stcore/health within {STARTUP_S} s")
+            try:
+                with urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.3)
+        yield url
+    finally:
+        problem = _stop(proc)
+    if problem:  # reached only when the test itself passed: do not hide its own failure
+        pytest.fail(problem)
 
 
-@pytest.mark.browser
-def test_every_page_renders_in_chromium(server):
+@pytest.fixture(scope="module")
+def browser():
     playwright = pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no Chromium at {CHROMIUM}")
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-background-networking",
             "--disable-component-update", "--disable-sync"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture
+def server(trained):
+    """Stopped when its test ends: a page it still runs (the ROI page times models) would slow
+    the next test's servers."""
+    workspace, _ = trained
+    with dashboard(workspace) as url:
+        yield url
+
+
+@pytest.mark.browser
+def test_every_page_renders_in_chromium(server, browser):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
         for path, heading in PAGES.items():
             page.goto(f"{server}/{path}")
             page.get_by_text(heading, exact=False).first.wait_for(timeout=60_000)
             page.wait_for_timeout(1500)  # let the rest of the script finish
             assert page.locator("[data-testid='stException']").count() == 0, path
-        browser.close()
+    finally:
+        page.close()
+
+
+@pytest.mark.browser
+def test_teacher_bias_page_draws_its_charts_on_every_fresh_server(browser, tmp_path):
+    """Five times in a row, each on a new server: the sample's Teacher-bias page shows its
+    charts (drawn after the label-error check) within HANG_S seconds, and raises nothing."""
+    api = pytest.importorskip("playwright.sync_api")
+    took: list[str] = []  # seconds to the charts, per round: says how close to HANG_S
+    for round_ in range(1, ROUNDS + 1):
+        with dashboard(tmp_path / f"ws{round_}") as url:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            try:
+                started = time.monotonic()
+                page.goto(f"{url}/teacher_bias", timeout=HANG_S * 1000)
+                charts = page.locator(".js-plotly-plot")
+                try:
+                    for nth in (0, 1):  # the bias bars and the confusion heatmap
+                        left = HANG_S - (time.monotonic() - started)
+                        charts.nth(nth).wait_for(state="visible", timeout=max(left, 0.1) * 1000)
+                except api.TimeoutError:
+                    pytest.fail(f"round {round_}: no charts {HANG_S} s after opening the page "
+                                f"(earlier rounds: {', '.join(took) or 'none'})")
+                took.append(f"{time.monotonic() - started:.1f} s")
+                assert page.locator("[data-testid='stException']").count() == 0, round_
+            finally:
+                page.close()

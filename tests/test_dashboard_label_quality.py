@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from kdcore.data.sources import load_predictions, source_key
 from kdcore.store.overrides import load_overrides
 from kdcore_app import state
 
@@ -52,11 +53,11 @@ def test_an_override_is_stored_and_shown(home):
     key = box.key
     box.set_value("label_error").run()
     assert not at.exception
-    stored = load_overrides(home, "digits_vendor")
+    stored = load_overrides(home, source_key(load_predictions(None)))
     assert list(stored.values()) == ["label_error"] and key.endswith(next(iter(stored)))
     assert any("verdicts are yours" in m.value for m in at.markdown)
     at.selectbox(key=key).set_value("detected").run()
-    assert load_overrides(home, "digits_vendor") == {}
+    assert load_overrides(home, source_key(load_predictions(None))) == {}
 
 
 def test_a_table_without_held_out_rows_says_why(home):

@@ -1,8 +1,11 @@
 """The job queue: at most N jobs at once, seed-major, no run started twice, the demo queued
-like any other run, and the CLI's workers gone with a killed CLI."""
+like any other run, jobs that outlive their launcher or say why they died, the CLI's workers
+gone with a killed CLI, and two identical comparisons training each run once."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -22,7 +25,7 @@ from kdcore.learning.strategies import DEFAULT_STRATEGIES
 from kdcore.store import jobs
 from kdcore.store.runs import RunStore
 from kdcore.store.selection import DEMO_SEEDS
-from kdcore.value.compare import plan, start_demo
+from kdcore.value.compare import plan, run_all, start_demo
 
 APP = Path(__file__).resolve().parents[1] / "dashboard" / "app.py"
 JOBS_S = 300  # four job processes one after the other, on a busy CI machine
@@ -145,39 +148,151 @@ def test_overview_demo_button_queues_the_demo_as_jobs(tmp_path, monkeypatch, no_
         f"0 of {total} runs done · 2 running · {total - 2} queued"]
 
 
-def test_a_killed_cli_leaves_no_worker_training(tmp_path):
+def _group(pgid: int) -> list[int]:
+    """The live processes of process group ``pgid`` (zombies, awaiting their reaper, are not)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry.name))
+    return members
+
+
+TRAIN_2 = ["train", "--nproc", "2", "--strategy", "kd"]
+COMPARE_2 = ["compare", "--strategies", "kd,ce", "--seeds", "1", "--workers", "2"]
+# A shell starts a background command (`kdcore train ... &` in a script) with SIGINT ignored,
+# and so are its children: torch's own "SIGINT at the parent's death" does not stop them.
+AS_A_BACKGROUND_JOB = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                       "os.execv(sys.executable, [sys.executable, '-m', 'kdcore', *sys.argv[1:]])")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+@pytest.mark.parametrize(("command", "moment"), [
+    (TRAIN_2, "training"), (TRAIN_2, "starting"), (COMPARE_2, "training"),
+], ids=["train-nproc-2-training", "train-nproc-2-starting", "compare-training"])
+def test_a_killed_cli_leaves_no_process_behind(tmp_path, command, moment):
+    """kill -9 of the command, while its two workers (DDP ranks, pool workers) start up or
+    train: they die with it, and so does the rest of its process group."""
     cli = subprocess.Popen(
-        [sys.executable, "-m", "kdcore", "compare", "--strategies", "kd", "--seeds", "1",
-         "--workers", "1", "--epochs", "100000", "--quiet", "--workspace", str(tmp_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [sys.executable, "-c", AS_A_BACKGROUND_JOB, *command, "--epochs", "100000", "--quiet",
+         "--workspace", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     store = RunStore(tmp_path)
-    worker = None
+
+    def ready() -> bool:
+        if moment == "starting":  # the command, the resource tracker and two workers
+            return len(_group(cli.pid)) >= 4
+        return any(r.step > 0 for r in store.list(status="running"))
+
     try:
-        deadline = time.monotonic() + 120
-        while worker is None and time.monotonic() < deadline:
-            running = store.list(status="running")
-            worker = running[0].pid if running else None
-            time.sleep(0.2)
-        assert worker is not None and worker != cli.pid
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not ready():
+            assert cli.poll() is None, "the command ended before its workers started"
+            time.sleep(0.05)
+        assert len(_group(cli.pid)) >= 3  # the command and at least its two workers
         cli.kill()
         cli.wait()
-        deadline = time.monotonic() + 20
-        while _alive(worker) and time.monotonic() < deadline:
+        deadline = time.monotonic() + 60  # a worker still importing torch ends after that
+        while _group(cli.pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not _alive(worker)
-    finally:
-        cli.kill()
-        if worker is not None and _alive(worker):
-            os.kill(worker, signal.SIGKILL)
+        assert _group(cli.pid) == []
+        assert {r.status for r in store.list()} <= {"failed"}  # reaped as interrupted
+    finally:  # whatever happened, nothing of it outlives the test
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(cli.pid, signal.SIGKILL)
+        cli.wait()
 
 
-def _alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie, awaiting its reaper, has stopped)."""
+def test_two_identical_compares_at_once_train_every_run_once(tmp_path):
+    argv = [sys.executable, "-m", "kdcore", "compare", "--strategies", "kd,ce", "--seeds", "1",
+            "--epochs", "2", "--workers", "2", "--quiet", "--json", "--workspace", str(tmp_path)]
+    clis = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True) for _ in range(2)]
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2:].split()[0] != "Z"
+        outs = [cli.communicate(timeout=JOBS_S) for cli in clis]
+    finally:
+        for cli in clis:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(cli.pid, signal.SIGKILL)
+            cli.wait()
+    assert [cli.returncode for cli in clis] == [0, 0], [err[-2000:] for _, err in outs]
+    docs = [json.loads(out) for out, _ in outs]
+    runs = RunStore(tmp_path).list()
+    assert sorted((r.strategy, r.status) for r in runs) == [("ce", "done"), ("kd", "done")]
+    for name in ("kd", "ce"):
+        assert docs[0]["strategies"][name] == docs[1]["strategies"][name]
+    assert sum(doc["reused_runs"] for doc in docs) == 2  # each run trained by one of them
+
+
+CLAIM_AND_HOLD = """
+import json, sys, time
+from kdcore.store.runs import RunStore
+print(RunStore(sys.argv[1]).claim(json.loads(sys.argv[2]))[0], flush=True)
+time.sleep(300)
+"""
+
+
+def test_compare_trains_a_run_it_waited_for_once_its_command_is_gone(bundle, tmp_path):
+    config = plan(bundle, ["kd"], [0], epochs=1)[0]
+    holder = subprocess.Popen([sys.executable, "-c", CLAIM_AND_HOLD, str(tmp_path),
+                               json.dumps(config.to_dict())], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    killer = threading.Timer(3, holder.kill)
+    try:
+        first = holder.stdout.readline().strip()
+        assert first, "the holder claimed nothing"
+        killer.start()  # while run_all waits for the holder's run
+        [run] = run_all(RunStore(tmp_path), [config], workers=1)
+    finally:
+        killer.cancel()
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    assert run.status == "done" and run.id != first
+    assert RunStore(tmp_path).get(first).error.startswith("interrupted:")
+
+
+def test_a_job_that_dies_during_start_up_is_reaped_with_the_reason(bundle, tmp_path,
+                                                                   monkeypatch):
+    site = tmp_path / "broken_site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("raise SystemExit('a broken install')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+    store = RunStore(tmp_path)
+    run_id = jobs.start_job(plan(bundle, ["kd"], [0], epochs=1)[0], workspace=tmp_path)
+    deadline = time.monotonic() + 60
+    while not store.get(run_id).finished and time.monotonic() < deadline:
+        time.sleep(0.2)
+    run = store.get(run_id)
+    assert run.status == "failed"
+    assert run.error.startswith("interrupted:")
+    assert run.error.endswith("its log ends: SystemExit: a broken install")
+
+
+START_AND_EXIT = """
+import sys
+from kdcore.data.bundles import load_bundle
+from kdcore.learning.train import TrainConfig
+from kdcore.store.jobs import start_job
+config = TrainConfig.for_bundle(load_bundle(), strategy="kd", epochs=1)
+print(start_job(config, workspace=sys.argv[1]), flush=True)
+"""
+
+
+def test_a_job_outlives_the_process_that_started_it(tmp_path):
+    run_id = subprocess.run([sys.executable, "-c", START_AND_EXIT, str(tmp_path)],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    store = RunStore(tmp_path)
+    deadline = time.monotonic() + JOBS_S
+    while not store.get(run_id).finished and time.monotonic() < deadline:
+        time.sleep(0.2)
+    run = store.get(run_id)
+    assert run.status == "done", run.error
 
 
 def test_the_workspace_is_the_flag_then_kdcore_home_then_dot_kdcore(tmp_path, monkeypatch):

@@ -20,10 +20,10 @@ from kdcore.learning.teachers import load_teacher
 from kdcore.store import selection
 from kdcore.store.runs import RunStore
 from kdcore.value import roi as roi_mod
+from kdcore.value.formatting import format_money
 from kdcore.value.roi import (
     CostAssumptions,
     cost_model,
-    format_money,
     measure_models,
     monthly_cost,
     serialized_size,

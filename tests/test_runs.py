@@ -305,6 +305,65 @@ def test_cancel_request_round_trip(tmp_path):
     assert run.status == "cancelled" and run.finished_at is not None
 
 
+@pytest.mark.parametrize("end", ["finish", "fail", "mark_cancelled"])
+def test_cancelling_a_finished_run_says_so_and_writes_nothing(tmp_path, end):
+    store = RunStore(tmp_path)
+    run_id = store.create(_config())
+    store.start(run_id)
+    getattr(store, end)(run_id, *({"finish": [{"test_accuracy": 0.5}], "fail": ["boom"]}
+                                  .get(end, [])))
+    status = store.get(run_id).status
+    out = subprocess.run([sys.executable, "-m", "kdcore", "runs", "cancel", run_id,
+                          "--workspace", str(tmp_path)], capture_output=True, text=True,
+                         env=_env(), timeout=120)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [
+        f"error: run {run_id} has already finished ({status}); there is nothing to cancel"]
+    assert not (tmp_path / "runs" / run_id / "CANCEL").exists()
+    assert not store.get(run_id).cancel_requested
+
+
+# --------------------------------------------------------------------------- claiming
+
+
+def test_claim_reuses_a_done_run_joins_one_in_flight_and_takes_over_a_queued_one(tmp_path):
+    store = RunStore(tmp_path)
+    done = store.create(_config(0))
+    store.start(done)
+    store.finish(done, {"test_accuracy": 0.5})
+    assert store.claim(_config(0)) == (done, False)
+    new, mine = store.claim(_config(0), reuse=False)
+    assert mine and new != done
+    assert store.claim(_config(0), reuse=False) == (new, False)  # in flight: wait for it
+
+    queued = store.create(_config(1), queue=True)  # waiting for the job queue (no pid)
+    assert store.claim(_config(1), queue=True) == (queued, False)  # queued once is enough
+    assert store.claim(_config(1)) == (queued, True)  # a CLI trains it itself...
+    run = store.get(queued)
+    assert (run.status, run.pid) == ("queued", os.getpid())
+    assert not store.take_queued(queued)  # ...and no job launcher starts it again
+
+
+def test_claims_at_once_create_one_run(tmp_path):
+    RunStore(tmp_path)  # the schema, before the race
+    barrier = threading.Barrier(8)
+    claims: list[tuple[str, bool]] = []
+
+    def claim() -> None:
+        store = RunStore(tmp_path)
+        barrier.wait()
+        claims.append(store.claim(_config(7)))
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len({run_id for run_id, _ in claims}) == 1
+    assert sorted(mine for _, mine in claims) == [False] * 7 + [True]
+    assert len(RunStore(tmp_path).list()) == 1
+
+
 # --------------------------------------------------------------------------- workspace
 
 

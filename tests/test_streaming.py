@@ -135,3 +135,19 @@ def test_a_missing_split_is_the_same_error(tmp_path):
         analyze(load_predictions(path), split="test")
     assert str(streamed.value) == str(in_memory.value)
     assert "no rows in split 'test'; splits present: train, unlabelled" in str(streamed.value)
+
+
+def test_a_small_file_that_decompresses_past_the_memory_limit_is_streamed(tmp_path):
+    """The decision reads rows x classes from the metadata, not the compressed size: 600,000
+    rows x 90 float32 outputs are 216 MB in memory (over DEFAULT_MAX_BYTES), in a file of a
+    few hundred KB and under STREAM_ROWS rows."""
+    n, k = 600_000, 90
+    zeros = pa.array(np.zeros(n, dtype=np.float32))  # one buffer for every column
+    columns = {"label": pa.array(np.zeros(n, dtype=np.int8))}
+    columns.update({f"logit_c{j}": zeros for j in range(k)})
+    path = tmp_path / "compressible.parquet"
+    pq.write_table(pa.table(columns), path, compression="zstd", write_statistics=False)
+    assert path.stat().st_size < 1 << 20 and n < analysis.STREAM_ROWS
+    assert n * k * 4 > analysis.DEFAULT_MAX_BYTES
+    assert should_stream(path)
+    assert not should_stream(path, stream=False)

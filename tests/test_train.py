@@ -8,12 +8,13 @@ import time
 import numpy as np
 import pytest
 
+from kdcore.analysis.metrics import bias_inheritance, paired_difference
 from kdcore.data.bundles import load_bundle
 from kdcore.errors import DataError
-from kdcore.learning.train import TrainConfig, bias_inheritance, train_student
+from kdcore.learning.train import TrainConfig, train_student
 from kdcore.store.jobs import cancel_job, execute_run, start_job
 from kdcore.store.runs import RunStore
-from kdcore.value.compare import paired_difference, plan, run_all, summarise, verdict
+from kdcore.value.compare import plan, run_all, summarise, verdict
 
 STRATEGIES = ["ce", "kd", "dkd", "kd+be", "kd+br", "kd+be+br", "kd+be+br+dl", "dkd+be+br+dl",
               "btkd"]

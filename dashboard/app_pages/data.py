@@ -38,12 +38,17 @@ except (KDCoreError, OSError, KeyError) as exc:
 
 # ---------------------------------------------------------------- upload
 st.subheader("Upload a prediction table")
-limit_mb = state.max_upload_bytes() / 1024**2
-upload = st.file_uploader(
-    f"CSV or Parquet, one row per sample (up to {limit_mb:,.0f} MB)", type=["csv", "parquet"],
-    key="data_upload",
-    help="Set KDCORE_MAX_UPLOAD_MB to change the limit (Streamlit's own server.maxUploadSize "
-         "also applies).")
+try:
+    limit_mb = state.max_upload_bytes() / 1024**2
+except KDCoreError as exc:
+    state.show_error(exc, "Uploads are off: ")
+    upload = None
+else:
+    upload = st.file_uploader(
+        f"CSV or Parquet, one row per sample (up to {limit_mb:,.0f} MB)",
+        type=["csv", "parquet"], key="data_upload",
+        help="Set KDCORE_MAX_UPLOAD_MB to change the limit (Streamlit's own "
+             "server.maxUploadSize also applies).")
 if upload is not None:
     seen = st.session_state.setdefault("data_upload_seen", {})
     file_key = getattr(upload, "file_id", None) or f"{upload.name}:{upload.size}"

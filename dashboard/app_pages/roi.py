@@ -12,7 +12,7 @@ import streamlit as st
 
 from kdcore.errors import KDCoreError
 from kdcore.store import selection
-from kdcore.value import figures, roi
+from kdcore.value import figures, formatting, roi
 from kdcore_app import state
 
 EMPTY = ("No students were trained yet, so there is nothing to weigh against the teacher. "
@@ -101,8 +101,8 @@ st.subheader("The result")
 st.info(doc["summary"], icon=":material/lightbulb:")
 m1, m2, m3, m4 = st.columns(4)
 m1.metric("Smaller (bytes on disk)", f"{doc['size_ratio']:,.0f}×",
-          delta=f"{roi.format_bytes(doc['student']['size_bytes'])} vs "
-                f"{roi.format_bytes(doc['teacher']['size_bytes'])}",
+          delta=f"{formatting.format_bytes(doc['student']['size_bytes'])} vs "
+                f"{formatting.format_bytes(doc['teacher']['size_bytes'])}",
           delta_color="off", delta_arrow="off")
 m2.metric("Faster per request", f"{doc['speedup']:,.1f}×",
           delta=f"{doc['student']['latency_ms_p50']:.3f} vs "
@@ -111,9 +111,9 @@ m2.metric("Faster per request", f"{doc['speedup']:,.1f}×",
 m3.metric("Accuracy change", f"{doc['accuracy_change'] * 100:+.1f} pts",
           delta=f"{doc['student']['accuracy']:.1%} vs {doc['teacher']['accuracy']:.1%}",
           delta_color="off", delta_arrow="off")
-m4.metric("Saving a month", roi.format_money(doc["cost"]["saving_monthly"]),
-          delta=f"{roi.format_money(doc['cost']['student_monthly'])} vs "
-                f"{roi.format_money(doc['cost']['teacher_monthly'])}",
+m4.metric("Saving a month", formatting.format_money(doc["cost"]["saving_monthly"]),
+          delta=f"{formatting.format_money(doc['cost']['student_monthly'])} vs "
+                f"{formatting.format_money(doc['cost']['teacher_monthly'])}",
           delta_color="off", delta_arrow="off")
 
 st.dataframe(roi.roi_table(doc), hide_index=True, width="stretch")
@@ -141,8 +141,8 @@ st.plotly_chart(figures.roi_cost_bars(doc["cost"], doc["strategy"]), key="roi_co
                 width="stretch")
 a = doc["cost"]["assumptions"]
 st.caption(f"Assumptions: {a['requests_per_month']:,.0f} requests a month, "
-           f"{roi.format_money(a['cost_per_hour'])} per machine-hour, {a['utilisation']:.0%} "
-           f"utilisation, the median latency at batch 1. Teacher "
+           f"{formatting.format_money(a['cost_per_hour'])} per machine-hour, "
+           f"{a['utilisation']:.0%} utilisation, the median latency at batch 1. Teacher "
            f"{doc['cost']['teacher_machine_hours']:,.2f} machine-hours a month, student "
            f"{doc['cost']['student_machine_hours']:,.2f}. No minimum bill: a machine kept on "
            "all month costs at least its hours, whatever the traffic.")

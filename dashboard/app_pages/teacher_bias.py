@@ -8,7 +8,7 @@ import streamlit as st
 from kdcore.analysis.analyzer import SPLIT_MEANING, assess_table, report, select
 from kdcore.analysis.bias import rectified, reliability, softened
 from kdcore.analysis.label_quality import LABEL_ERROR, TEACHER_BIAS, split_rates
-from kdcore.data.sources import bundle_features
+from kdcore.data.sources import bundle_features, source_key
 from kdcore.errors import KDCoreError
 from kdcore.store.overrides import load_overrides, set_override
 from kdcore.value import figures
@@ -44,14 +44,20 @@ def label_check(token: str, split: str | None, _table, _bundle):
     return assess_table(select(_table, split), features=features)
 
 
+@st.cache_data(show_spinner=False, max_entries=16)
+def overrides_key(token: str, _table) -> str:
+    """The key of the source's label overrides: its content hash, once per source."""
+    return source_key(_table)
+
+
 VERDICT_TEXT = {TEACHER_BIAS: "teacher bias", LABEL_ERROR: "label error"}
 KINDS = {"all": "All mistakes", TEACHER_BIAS: "Teacher bias", LABEL_ERROR: "Label errors"}
 
 
-def save_verdict(source_name: str, key: str, widget: str) -> None:
+def save_verdict(verdict_source: str, key: str, widget: str) -> None:
     """on_change of a sample's verdict selectbox: store (or clear) the override."""
     choice = st.session_state.get(widget)
-    set_override(state.workspace(), source_name, key,
+    set_override(state.workspace(), verdict_source, key,
                  None if choice == "detected" else choice)
 
 
@@ -132,7 +138,8 @@ n_wrong = int(rep.wrong.sum())
 bundle = state.source_bundle(source)
 try:
     lq = label_check(token, split, table, bundle).take(np.arange(rep.n_samples))  # a copy
-    lq.apply_overrides(load_overrides(state.workspace(), table.source))
+    verdict_source = overrides_key(token, table)
+    lq.apply_overrides(load_overrides(state.workspace(), verdict_source))
 except (KDCoreError, ValueError) as exc:  # the analysis above still stands
     state.show_error(exc, "Label errors vs teacher bias: ")
     lq = None
@@ -277,7 +284,7 @@ else:
                     ["detected", TEACHER_BIAS, LABEL_ERROR], key=widget,
                     format_func=lambda v, d=detected: (f"detected: {d}" if v == "detected"
                                                        else f"override: {VERDICT_TEXT[v]}"),
-                    on_change=save_verdict, args=(table.source, sample_key, widget),
+                    on_change=save_verdict, args=(verdict_source, sample_key, widget),
                     help="Label quality (cleanlab): near 0 the label looks wrong, near 1 "
                          "it looks right. Your choice is stored in the workspace and used by "
                          "the analysis and by training with +lq.")

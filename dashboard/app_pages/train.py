@@ -76,7 +76,10 @@ def prefill_defaults() -> None:
     bundle = selected_bundle()
     if bundle is None:
         return
-    defaults = TrainConfig.for_bundle(bundle)
+    try:
+        defaults = TrainConfig.for_bundle(bundle)
+    except KDCoreError:  # the form says why when it plans the runs (render_form)
+        return
     for key, field in DEFAULT_FIELDS.items():
         st.session_state[key] = getattr(defaults, field)
 

@@ -30,8 +30,11 @@ from kdcore.data.tables import (
 )
 from kdcore.errors import DataError
 
-# Parquet tables with more rows than this (by the file's metadata) are streamed.
+# Parquet tables with more rows than this (by the file's metadata) are streamed, and so are
+# those whose outputs take more than DEFAULT_MAX_BYTES in memory (rows x classes x
+# OUTPUT_BYTES, however well the file is compressed).
 STREAM_ROWS = 2_000_000
+OUTPUT_BYTES = 4  # one float32 output value
 # Rows per streamed chunk: about this many output values (64 MB of float32), at most 1,000,000.
 STREAM_CHUNK_VALUES = 1 << 24
 
@@ -184,9 +187,10 @@ def analyze(table: PredictionTable, *, split: str | None = None, top: int = 10,
 
 def should_stream(path: str | Path | None, stream: bool | None = None) -> bool:
     """Whether ``analyze_path`` streams ``path``: a Parquet file with more than STREAM_ROWS
-    rows (by its metadata) or over the in-memory size limit, or any Parquet file when ``stream``
-    is True. ``stream=False`` never streams. Raises DataError if streaming is asked of a file
-    that is not Parquet."""
+    rows, or whose outputs decompressed (rows x output columns x OUTPUT_BYTES, by its metadata)
+    or whose size on disk exceed the in-memory limit, or any Parquet file when ``stream`` is
+    True. ``stream=False`` never streams. Raises DataError if streaming is asked of a file that
+    is not Parquet."""
     if path is not None and not Path(path).exists():
         return False  # the in-memory reader says so
     if stream is False or path is None or is_bundle(path) or not Path(path).is_file():
@@ -211,7 +215,9 @@ def should_stream(path: str | Path | None, stream: bool | None = None) -> bool:
         if path.stat().st_size > DEFAULT_MAX_BYTES:
             return True
         with pq.ParquetFile(str(path)) as pf:
-            return pf.metadata.num_rows > STREAM_ROWS
+            rows = pf.metadata.num_rows
+            values = rows * _output_columns(pf.schema_arrow.names)
+        return rows > STREAM_ROWS or values * OUTPUT_BYTES > DEFAULT_MAX_BYTES
     except Exception:
         return False  # the in-memory reader explains what is wrong with the file
 
@@ -276,8 +282,7 @@ class _Part:
         self.n_rows += other.n_rows
         self.n_labelled += other.n_labelled
         self.predicted += other.predicted
-        self.accumulator._confusion += other.accumulator._confusion
-        self.accumulator._wrong_confidence += other.accumulator._wrong_confidence
+        self.accumulator.merge(other.accumulator)
 
     def entry(self, top: int) -> dict:
         """The same keys as ``report(...).to_dict()``, or ``split_summary(...)`` if unlabelled."""
@@ -295,7 +300,8 @@ def analyze_stream(path: str | Path, *, split: str | None = None, top: int = 10,
     """:func:`analyze` of a Parquet prediction table, read chunk by chunk.
 
     Memory holds one chunk of rows (``batch_rows``; by default about STREAM_CHUNK_VALUES
-    output values) plus K x K counts per split. Every chunk is validated like the in-memory
+    output values) plus the confusion counts per split (K x K, or their nonzero cells above
+    SPARSE_CONFUSION_CLASSES classes). Every chunk is validated like the in-memory
     reader does, with row numbers counted from the start of the file. The result equals
     ``analyze(read_prediction_table(path), split=split, top=top)`` (up to float rounding in
     the mean confidences, which are summed in a different order).
@@ -360,5 +366,10 @@ def _batch_rows(path: str | Path) -> int:
             names = pf.schema_arrow.names
     except Exception:
         return 1_000_000  # iter_parquet_chunks reports the problem
-    k = sum(1 for c in names if c.startswith(LOGIT_PREFIX) or c.startswith(PROB_PREFIX))
+    k = _output_columns(names)
     return int(min(1_000_000, max(1_000, STREAM_CHUNK_VALUES // max(k, 1))))
+
+
+def _output_columns(names: list[str]) -> int:
+    """How many of a file's columns are the teacher's outputs (logit_/prob_ columns)."""
+    return sum(1 for c in names if c.startswith((LOGIT_PREFIX, PROB_PREFIX)))

@@ -2,11 +2,14 @@
 
 A sample is *right* when the teacher's argmax equals its label and *wrong* otherwise; the wrong
 samples are the teacher's bias. From ``(labels, teacher_outputs)`` this module computes, with
-numpy only:
+numpy only (and scipy.sparse for the confusion of more than ``SPARSE_CONFUSION_CLASSES``
+classes):
 
 * :func:`decompose` -- a :class:`BiasReport`: per-sample right/wrong and confidence, the
   confusion of the teacher's errors (true x predicted, off-diagonal), a per-class table with each
   class's bias rate, and the most frequent confusions.
+* :func:`count_confusion`, :func:`confusion_cells`, :func:`confusion_json` -- a confusion of
+  pairs, dense up to ``SPARSE_CONFUSION_CLASSES`` classes and sparse above, and its cells.
 * :class:`BiasAccumulator` -- the same aggregate numbers for data that arrives in chunks.
 * :func:`reliability` -- a reliability-diagram table (confidence against accuracy, by bin).
 * :func:`predicted_distribution` -- what the teacher predicts on an unlabelled split.
@@ -34,8 +37,12 @@ import pandas as pd
 from kdcore.errors import DataError
 
 __all__ = [
+    "SPARSE_CONFUSION_CLASSES",
     "BiasAccumulator",
     "BiasReport",
+    "confusion_cells",
+    "confusion_json",
+    "count_confusion",
     "decompose",
     "predicted_distribution",
     "rectified",
@@ -58,6 +65,12 @@ _LOG2_E = math.log2(math.e)
 _PROBABILITY_SLACK = 1e-4
 # log(p) stands in for the logits of probabilities; p = 0 is clipped here.
 _MIN_PROBABILITY = 1e-12
+# Above this many classes a confusion (true x predicted counts) is kept and reported sparse, as
+# its nonzero cells: a dense one of 10,000 classes is 800 MB of int64.
+SPARSE_CONFUSION_CLASSES = 1_000
+# Sparse cells gathered from blocks and chunks are merged once more than this many (and more
+# than are merged already) are waiting, so merging costs O(n log n) over a whole stream.
+_COMPACT_CELLS = 1 << 20
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,9 +87,10 @@ class BiasReport:
         The teacher's top probability per sample (softmax of logits, or the given probability).
     wrong : np.ndarray of bool, shape (N,) or None
         ``predicted != labels``.
-    error_confusion : np.ndarray of int64, shape (K, K)
+    error_confusion : np.ndarray of int64, shape (K, K), or scipy.sparse.coo_array
         Count of wrong samples by true class (row) and teacher's prediction (column); the
-        diagonal is zero.
+        diagonal is zero. Above ``SPARSE_CONFUSION_CLASSES`` classes a sparse array of the
+        nonzero cells (see :func:`confusion_cells`).
     per_class : pd.DataFrame
         One row per class with columns ``class``, ``support``, ``teacher_accuracy``,
         ``bias_rate`` (wrong / support; NaN for a class with no samples),
@@ -98,7 +112,7 @@ class BiasReport:
     predicted: np.ndarray | None
     confidence: np.ndarray | None
     wrong: np.ndarray | None
-    error_confusion: np.ndarray
+    error_confusion: Any
     per_class: pd.DataFrame
     top_confusions: pd.DataFrame
     accuracy: float
@@ -123,8 +137,10 @@ class BiasReport:
 
         NaN becomes None. Keys: ``n_samples``, ``n_classes``, ``class_names``,
         ``teacher_accuracy``, ``bias_rate``, ``per_class`` (one object per class, keys as the
-        ``per_class`` columns), ``error_confusion`` (nested lists) and ``top_confusions`` (the
-        first ``top`` rows of ``top_confusions``). Per-sample arrays are left out.
+        ``per_class`` columns), ``error_confusion`` (:func:`confusion_json`: nested lists, or
+        ``[true, predicted, count]`` cells above ``SPARSE_CONFUSION_CLASSES`` classes) and
+        ``top_confusions`` (the first ``top`` rows of ``top_confusions``). Per-sample arrays are
+        left out.
         """
         return {
             "n_samples": self.n_samples,
@@ -133,7 +149,7 @@ class BiasReport:
             "teacher_accuracy": _plain(self.accuracy),
             "bias_rate": _plain(self.bias_rate),
             "per_class": _records(self.per_class),
-            "error_confusion": self.error_confusion.tolist(),
+            "error_confusion": confusion_json(self.error_confusion),
             "top_confusions": _records(self.top_confusions.head(top)),
         }
 
@@ -141,7 +157,9 @@ class BiasReport:
 class BiasAccumulator:
     """Build a :class:`BiasReport` from data that arrives in chunks.
 
-    Keeps only K x K counts and K sums, so memory does not grow with the data. ``report()``
+    Keeps only the confusion counts (K x K, or its nonzero cells above
+    ``SPARSE_CONFUSION_CLASSES`` classes) and K sums, so memory does not grow with the number of
+    rows beyond the distinct (true, predicted) pairs seen. ``report()``
     gives the same aggregates as :func:`decompose` on all chunks at once (per-sample fields are
     None).
 
@@ -168,17 +186,24 @@ class BiasAccumulator:
         self.class_names = _class_names(class_names, self.n_classes)
         self.probabilities = probabilities
         self._names_given = class_names is not None
-        self._confusion = np.zeros((self.n_classes, self.n_classes), dtype=np.int64)
+        self._confusion = _Confusion(self.n_classes)
         self._wrong_confidence = np.zeros(self.n_classes, dtype=np.float64)
+        self._n_samples = 0
 
     @property
     def n_samples(self) -> int:
         """Number of rows added so far."""
-        return int(self._confusion.sum())
+        return self._n_samples
 
     def update(self, labels: Any, teacher_outputs: Any) -> None:
         """Add one chunk: ``labels`` of shape (n,), ``teacher_outputs`` of shape (n, K)."""
         self._ingest(labels, teacher_outputs)
+
+    def merge(self, other: BiasAccumulator) -> None:
+        """Add the counts of another accumulator of the same classes."""
+        self._confusion.merge(other._confusion)
+        self._wrong_confidence += other._wrong_confidence
+        self._n_samples += other._n_samples
 
     def report(self) -> BiasReport:
         """Return the aggregate :class:`BiasReport` of all chunks added so far."""
@@ -205,8 +230,9 @@ class BiasAccumulator:
             row_offset=offset,
         )
         scan = _scan(outputs, probabilities=self.probabilities, row_offset=offset, labels=y)
-        self._confusion += scan.confusion
+        self._confusion.add(scan.codes)
         self._wrong_confidence += scan.wrong_confidence
+        self._n_samples += len(y)
         return y, scan.pred, scan.conf, scan.wrong
 
 
@@ -375,6 +401,40 @@ def rectified(probs: Any, labels: Any) -> np.ndarray:
     return p
 
 
+def count_confusion(true: Any, predicted: Any, n_classes: int) -> Any:
+    """Count (true, predicted) pairs of class indices: a dense (K, K) int64 array, or above
+    ``SPARSE_CONFUSION_CLASSES`` classes a ``scipy.sparse.coo_array`` of the nonzero cells, so
+    no K x K array is made for many classes."""
+    codes = np.asarray(true, dtype=np.int64) * n_classes + np.asarray(predicted, dtype=np.int64)
+    confusion = _Confusion(n_classes)
+    confusion.add(codes)
+    return _matrix(*confusion.cells(), n_classes)
+
+
+def confusion_cells(confusion: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The nonzero cells of a dense confusion or a scipy sparse one, as int64 arrays
+    ``(true, predicted, count)`` ordered by true then predicted class."""
+    if hasattr(confusion, "tocoo"):
+        coo = confusion.tocoo()
+        coo.sum_duplicates()
+        true, predicted, count = (np.asarray(a, dtype=np.int64)
+                                  for a in (coo.row, coo.col, coo.data))
+        keep = count != 0
+        order = np.lexsort((predicted[keep], true[keep]))
+        return true[keep][order], predicted[keep][order], count[keep][order]
+    dense = np.asarray(confusion)
+    true, predicted = np.nonzero(dense)
+    return true, predicted, dense[true, predicted].astype(np.int64)
+
+
+def confusion_json(confusion: Any) -> list:
+    """A confusion for JSON: a dense one as nested lists (K x K), a sparse one as
+    ``[[true, predicted, count], ...]`` for its nonzero cells (see :func:`confusion_cells`)."""
+    if hasattr(confusion, "tocoo"):
+        return np.stack(confusion_cells(confusion), axis=1).tolist()
+    return np.asarray(confusion).tolist()
+
+
 def _as_outputs(teacher_outputs: Any) -> np.ndarray:
     """Return ``teacher_outputs`` as a 2-D float array (no copy for a float ndarray)."""
     outputs = np.asarray(teacher_outputs)
@@ -478,7 +538,7 @@ class _Scan:
     pred: np.ndarray  # int64 argmax per row
     conf: np.ndarray  # top probability per row
     wrong: np.ndarray | None = None  # pred != label
-    confusion: np.ndarray | None = None  # (K, K) counts, true x predicted
+    codes: np.ndarray | None = None  # true * K + predicted per row
     wrong_confidence: np.ndarray | None = None  # (K,) sum of conf over wrong rows, by true class
 
 
@@ -488,8 +548,8 @@ def _scan(
 ) -> _Scan:
     """Return the teacher's argmax and top probability per row, validating as it goes.
 
-    With ``labels`` (int64 indices) the same pass also marks the wrong rows and counts the
-    confusion.
+    With ``labels`` (int64 indices) the same pass also marks the wrong rows and codes each
+    row's (true, predicted) pair for the confusion.
 
     Works through ``outputs`` in blocks of rows, each thread with one scratch block, so memory
     beyond the (N,) results is one block a thread. Large inputs use up to ``_THREADS`` threads
@@ -500,7 +560,7 @@ def _scan(
     n, k = outputs.shape
     work = np.result_type(outputs.dtype, np.float32)
     scan = _Scan(np.empty(n, dtype=np.intp), np.empty(n, dtype=work))
-    codes = None  # true * K + predicted, counted once at the end (K*K bins may be many)
+    codes = None  # true * K + predicted, counted by the caller (K*K bins may be many)
     if labels is not None:
         scan.wrong = np.empty(n, dtype=bool)
         codes = np.empty(n, dtype=np.int32 if k * k < 2**31 else np.int64)
@@ -531,7 +591,7 @@ def _scan(
         raise min(failures, key=lambda failure: failure[0])[1]
     scan.pred = scan.pred.astype(np.int64, copy=False)
     if labels is not None:
-        scan.confusion = np.bincount(codes, minlength=k * k).reshape(k, k)
+        scan.codes = codes
         scan.wrong_confidence = sum(sums)
     return scan
 
@@ -623,16 +683,27 @@ def _first(flags: np.ndarray) -> int | None:
 
 
 def _report(
-    confusion: np.ndarray, wrong_confidence: np.ndarray, class_names: list[str]
+    confusion: _Confusion, wrong_confidence: np.ndarray, class_names: list[str]
 ) -> BiasReport:
-    """Build the aggregate BiasReport from the full (K, K) confusion and per-class sums."""
-    support = confusion.sum(axis=1)
-    correct = np.diagonal(confusion)
-    errors = confusion.copy()
-    np.fill_diagonal(errors, 0)
+    """Build the aggregate BiasReport from the confusion counts and per-class sums.
+
+    Works on the nonzero cells only, so it costs no K x K array above
+    ``SPARSE_CONFUSION_CLASSES`` classes.
+    """
+    k = len(class_names)
+    true, predicted, count = confusion.cells()
+    right = true == predicted
+    support = np.bincount(true, weights=count, minlength=k).astype(np.int64)
+    correct = np.bincount(true[right], weights=count[right], minlength=k).astype(np.int64)
+    true, predicted, count = true[~right], predicted[~right], count[~right]
     n_wrong = support - correct
     total_wrong = int(n_wrong.sum())
     names = np.asarray(class_names, dtype=object)
+    # each class's most frequent wrong prediction (ties: the lowest class index)
+    by_class = np.lexsort((predicted, -count, true))
+    first = by_class[np.diff(true[by_class], prepend=-1) != 0]
+    most_confused = np.full(k, None, dtype=object)
+    most_confused[true[first]] = names[predicted[first]]
     with np.errstate(invalid="ignore", divide="ignore"):
         per_class = pd.DataFrame(
             {
@@ -640,15 +711,11 @@ def _report(
                 "support": support,
                 "teacher_accuracy": correct / support,
                 "bias_rate": n_wrong / support,
-                "most_confused_with": pd.Series(
-                    np.where(n_wrong > 0, names[errors.argmax(axis=1)], None), dtype=object
-                ),
+                "most_confused_with": pd.Series(most_confused, dtype=object),
                 "mean_confidence_wrong": wrong_confidence / n_wrong,
                 "share_of_errors": n_wrong / total_wrong if total_wrong else np.nan,
             }
         )
-    true, predicted = np.nonzero(errors)
-    count = errors[true, predicted]
     order = np.lexsort((predicted, true, -count))
     top_confusions = pd.DataFrame(
         {
@@ -665,11 +732,84 @@ def _report(
         predicted=None,
         confidence=None,
         wrong=None,
-        error_confusion=errors,
+        error_confusion=_matrix(true, predicted, count, k),
         per_class=per_class,
         top_confusions=top_confusions,
         accuracy=float(correct.sum() / n),
     )
+
+
+class _Confusion:
+    """Counts of (true, predicted) pairs, added as codes ``true * K + predicted``.
+
+    Up to ``SPARSE_CONFUSION_CLASSES`` classes a dense (K, K) array; above, only the nonzero
+    cells (sorted codes and their counts), so memory follows the distinct pairs seen, never
+    K x K.
+    """
+
+    def __init__(self, n_classes: int) -> None:
+        self.k = n_classes
+        self.dense = (np.zeros((n_classes, n_classes), dtype=np.int64)
+                      if n_classes <= SPARSE_CONFUSION_CLASSES else None)
+        self._codes = np.zeros(0, dtype=np.int64)  # merged cells, sorted
+        self._counts = np.zeros(0, dtype=np.int64)
+        self._waiting: list[tuple[np.ndarray, np.ndarray]] = []  # cells not merged yet
+        self._n_waiting = 0
+
+    def add(self, codes: np.ndarray) -> None:
+        """Count one pair per code."""
+        if self.dense is not None:
+            k = self.k
+            self.dense += np.bincount(codes, minlength=k * k).reshape(k, k)
+        else:
+            self._add_cells(*np.unique(codes.astype(np.int64, copy=False), return_counts=True))
+
+    def merge(self, other: _Confusion) -> None:
+        """Add another confusion's counts (the same classes)."""
+        if self.dense is not None:
+            self.dense += other.dense
+        else:
+            self._add_cells(*other._merged())
+
+    def cells(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The nonzero cells as int64 arrays (true, predicted, count), by true then predicted."""
+        if self.dense is not None:
+            true, predicted = np.nonzero(self.dense)
+            return true, predicted, self.dense[true, predicted]
+        codes, counts = self._merged()
+        true, predicted = np.divmod(codes, self.k)
+        return true, predicted, counts
+
+    def _add_cells(self, codes: np.ndarray, counts: np.ndarray) -> None:
+        self._waiting.append((codes, counts))
+        self._n_waiting += len(codes)
+        if self._n_waiting > max(_COMPACT_CELLS, len(self._codes)):
+            self._merged()
+
+    def _merged(self) -> tuple[np.ndarray, np.ndarray]:
+        """Merge the waiting cells into the sorted ones; return those."""
+        if self._waiting:
+            codes = np.concatenate([self._codes, *(c for c, _ in self._waiting)])
+            counts = np.concatenate([self._counts, *(n for _, n in self._waiting)])
+            order = np.argsort(codes, kind="stable")
+            codes, counts = codes[order], counts[order]
+            starts = np.flatnonzero(np.diff(codes, prepend=-1) != 0)
+            self._codes = codes[starts]
+            self._counts = np.add.reduceat(counts, starts) if len(starts) else counts
+            self._waiting, self._n_waiting = [], 0
+        return self._codes, self._counts
+
+
+def _matrix(true: np.ndarray, predicted: np.ndarray, count: np.ndarray, n_classes: int) -> Any:
+    """Distinct cells as a dense (K, K) int64 array, or above ``SPARSE_CONFUSION_CLASSES``
+    classes a ``scipy.sparse.coo_array`` (imported only then)."""
+    if n_classes <= SPARSE_CONFUSION_CLASSES:
+        dense = np.zeros((n_classes, n_classes), dtype=np.int64)
+        dense[true, predicted] = count
+        return dense
+    from scipy import sparse
+
+    return sparse.coo_array((count, (true, predicted)), shape=(n_classes, n_classes))
 
 
 def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:

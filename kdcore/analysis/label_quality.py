@@ -38,11 +38,17 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from kdcore.analysis.bias import softmax
+from kdcore.analysis.bias import (
+    SPARSE_CONFUSION_CLASSES,
+    confusion_json,
+    count_confusion,
+    softmax,
+)
 
 TEACHER_BIAS = "teacher_bias"
 LABEL_ERROR = "label_error"
@@ -136,12 +142,11 @@ class LabelQuality:
         """Likely label errors per true (given) class."""
         return np.bincount(self.labels[self.likely_label_error], minlength=self.n_classes)
 
-    def label_error_confusion(self) -> np.ndarray:
-        """K x K counts of likely label errors: given label x teacher's class."""
-        m = np.zeros((self.n_classes, self.n_classes), dtype=np.int64)
-        np.add.at(m, (self.labels[self.likely_label_error],
-                      self.teacher_pred[self.likely_label_error]), 1)
-        return m
+    def label_error_confusion(self) -> Any:
+        """Counts of likely label errors, given label x teacher's class: K x K, or sparse above
+        SPARSE_CONFUSION_CLASSES classes (:func:`kdcore.analysis.bias.count_confusion`)."""
+        return count_confusion(self.labels[self.likely_label_error],
+                               self.teacher_pred[self.likely_label_error], self.n_classes)
 
     def to_dict(self) -> dict:
         """The ``likely_label_errors`` entry of ``kdcore analyze --json``."""
@@ -155,7 +160,7 @@ class LabelQuality:
             "n_overridden": int(self.overridden.sum()),
             "per_class": [{"class": c, "count": int(counts[i])}
                           for i, c in enumerate(self.class_names)],
-            "label_error_confusion": self.label_error_confusion().tolist(),
+            "label_error_confusion": confusion_json(self.label_error_confusion()),
             "method": self.method,
             "note": self.note,
         }
@@ -255,6 +260,10 @@ def assess(labels: np.ndarray, teacher_outputs: np.ndarray, *, probabilities: bo
     present = np.unique(labels)
     if len(present) < 2:
         return none("every labelled row has the same class; label checks need two or more")
+    if len(present) > SPARSE_CONFUSION_CLASSES:  # cleanlab's noise estimates are dense K x K
+        return none(f"{len(present):,} classes have labels here; label checks stop at "
+                    f"{SPARSE_CONFUSION_CLASSES:,} classes (cleanlab's estimates take memory "
+                    "growing with the square of the class count)")
     if features is not None:
         if len(labels) > CV_MAX_ROWS:
             return none(f"{len(labels):,} labelled rows: cross-validating more than "

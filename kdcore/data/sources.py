@@ -7,12 +7,14 @@ kinds of input the same way.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
 
 from kdcore.data.bundles import Bundle, is_bundle, load_bundle
-from kdcore.data.tables import PredictionTable, display_name, read_prediction_table
+from kdcore.data.tables import PredictionTable, read_prediction_table
 from kdcore.errors import DataError
 
 
@@ -52,9 +54,19 @@ def load_predictions(path: str | Path | None = None) -> PredictionTable:
     return read_prediction_table(path)
 
 
-def source_name(path: str | Path | None = None) -> str:
-    """The ``source`` of :func:`load_predictions`'s table (a bundle's name, a table's file
-    name), without reading the rows: the key of a source's label overrides."""
-    if path is None or is_bundle(path):
-        return load_bundle(path).name
-    return display_name(path, None)
+def source_key(table: PredictionTable) -> str:
+    """The content hash of a source's table, ``sha256:<hex>``: the key of its label overrides.
+
+    By content, not by name: two files of one name in different folders never share verdicts,
+    and a file moved or renamed keeps its own. Hashed: the class names, the outputs, the
+    labels, the splits and the sample ids (not the name, nor extra columns).
+    """
+    digest = hashlib.sha256(json.dumps([table.class_names, table.kind]).encode("utf-8"))
+    for values in (table.outputs, table.labels):
+        values = np.ascontiguousarray(values)
+        digest.update(f"{values.dtype.str}{values.shape}".encode("ascii"))
+        digest.update(values.reshape(-1).view(np.uint8))  # the bytes, without a copy
+    for values in (table.split, table.sample_id):
+        text = "-" if values is None else "+" + "\x00".join(map(str, values))
+        digest.update(text.encode("utf-8", "surrogatepass"))
+    return "sha256:" + digest.hexdigest()

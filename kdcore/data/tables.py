@@ -617,6 +617,10 @@ def _csv_header(data: bytes, start: int, display: str) -> list[str]:
     text = _decode(data, start, display)  # validates the whole file as UTF-8
     end = text.find("\n")
     first = text if end < 0 else text[:end]
+    if first.count('"') % 2:  # the first line ends inside a quoted column name
+        if data.count(b'"') % 2:
+            raise _unclosed_quote(data, start, display)
+        _check_one_line_header(text, display)
     del text
     try:
         header = next(csv.reader([first.rstrip("\r")]))
@@ -634,6 +638,22 @@ def _csv_header(data: bytes, start: int, display: str) -> list[str]:
             "save the file as comma-separated CSV (or Parquet).",
         )
     return header
+
+
+def _check_one_line_header(text: str, display: str) -> None:
+    """Refuse a quoted column name with a line break inside: the header must be the first line
+    alone (the line break would end up in a class name)."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    names = next(reader, [])
+    broken = [n for n in names if "\n" in n or "\r" in n]
+    if broken:
+        raise data_error(
+            display,
+            f"the column name holds a line break, so the header runs over lines 1 to "
+            f"{reader.line_num}",
+            "remove the line break from the column name: the header is the first line alone.",
+            column=broken[0],
+        )
 
 
 def _arrow_csv(body: pa.Buffer, types: dict[str, pa.DataType]) -> pa.Table:
@@ -1213,17 +1233,16 @@ def _parse_sample_id(ser: pd.Series, ctx: _Context) -> np.ndarray:
     except TypeError:  # unhashable values (lists...): compare their text
         keys = _as_text(ser, strip=False)
         codes, _ = pd.factorize(keys, use_na_sentinel=True)
+
+    def repeated(i: int, where: str) -> DataError:
+        return data_error(ctx.source, f"sample_id {show_value(str(ser.iloc[i]))} {where}",
+                          "make every sample_id unique (or drop the sample_id column).",
+                          column="sample_id", row=ctx.row(i))
+
     dup = pd.Series(codes).duplicated(keep="first").to_numpy(dtype=bool)
     if dup.any():
         i = _first(dup)
-        earlier = _first(codes == codes[i])
-        raise data_error(
-            ctx.source,
-            f"sample_id {show_value(str(ser.iloc[i]))} repeats data row {ctx.row(earlier)}",
-            "make every sample_id unique (or drop the sample_id column).",
-            column="sample_id",
-            row=ctx.row(i),
-        )
+        raise repeated(i, f"repeats data row {ctx.row(_first(codes == codes[i]))}")
     state = ctx.state
     if state is not None:
         # Across chunks: compare 64-bit hashes of the ids seen so far (8 bytes per row).
@@ -1236,13 +1255,6 @@ def _parse_sample_id(ser: pd.Series, ctx: _Context) -> np.ndarray:
             pos = np.searchsorted(state.seen_ids, hashes).clip(0, len(state.seen_ids) - 1)
             again = state.seen_ids[pos] == hashes
             if again.any():
-                i = _first(again)
-                raise data_error(
-                    ctx.source,
-                    f"sample_id {show_value(str(ser.iloc[i]))} already appeared in an earlier row",
-                    "make every sample_id unique (or drop the sample_id column).",
-                    column="sample_id",
-                    row=ctx.row(i),
-                )
+                raise repeated(_first(again), "already appeared in an earlier row")
         state.seen_ids = np.sort(np.concatenate([state.seen_ids, hashes]))
     return ser.to_numpy()

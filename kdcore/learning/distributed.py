@@ -10,12 +10,20 @@ Every rank draws the same global batch from the same seeded generator and trains
 strided share of it; DDP averages the gradients, so N processes take the same steps as one
 (the role a DistributedSampler plays in an epoch-based loader, kept per step so that runs of
 any world size are comparable). Only rank 0 writes to the run store and prints.
+
+The processes of ``kdcore train --nproc N`` (and the CLI's pool workers) die with the command
+that started them (:func:`exit_with_parent`): a killed CLI leaves no rank training on.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import socket
+import sys
+import threading
+import time
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -94,15 +102,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(local_rank: int, world: int, port: int, fn: Callable, args: tuple) -> None:
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def exit_with_parent(parent_pid: int) -> None:
+    """End this process as soon as ``parent_pid``, its parent, is gone, even by ``kill -9``.
+
+    Called first thing in a CLI's worker processes (pool workers, DDP ranks), which must not
+    train on, write to the store or idle after the command is killed; a run they leave is
+    then reaped as interrupted. On Linux the kernel delivers SIGKILL at the parent's death
+    (``prctl(PR_SET_PDEATHSIG)``); elsewhere a thread checks the parent once a second.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+            if os.getppid() != parent_pid:  # the parent died before the request took effect
+                os._exit(1)
+            return
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _worker(local_rank: int, world: int, port: int, parent_pid: int, fn: Callable,
+            args: tuple) -> None:
+    exit_with_parent(parent_pid)
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     fn(*args)
 
 
 def spawn(fn: Callable, nproc: int, *args) -> None:
-    """Run ``fn(*args)`` in ``nproc`` processes on this machine, as torchrun would."""
+    """Run ``fn(*args)`` in ``nproc`` processes on this machine, as torchrun would; they die
+    with this process."""
     import torch.multiprocessing as mp
 
-    mp.start_processes(_worker, args=(nproc, free_port(), fn, args), nprocs=nproc,
+    mp.start_processes(_worker, args=(nproc, free_port(), os.getpid(), fn, args), nprocs=nproc,
                        start_method="spawn", join=True)

@@ -12,6 +12,8 @@ the bundle (no augmentation), so the teacher never runs during training.
 from __future__ import annotations
 
 import math
+import numbers
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from kdcore.analysis.metrics import bias_inheritance, per_class_accuracy
 from kdcore.data import Dataset, load_dataset
 from kdcore.errors import DataError, KDCoreError
 from kdcore.learning.distributed import any_across, gather_rows, rank_and_world, sum_across
@@ -34,7 +37,8 @@ from kdcore.learning.losses import (
     parse_strategy,
     strategy_loss,
 )
-from kdcore.learning.models import build_model, count_parameters
+from kdcore.learning.models import build_model, check_io, count_parameters, spec_parameters
+from kdcore.learning.teachers import check_teacher
 
 
 class Cancelled(KDCoreError):
@@ -74,14 +78,20 @@ class TrainConfig:
     method_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_options({f.name: getattr(self, f.name) for f in fields(self)})
         method = self.method()
         self.method_options = {} if method is None else asdict(method)
 
     @classmethod
     def for_bundle(cls, bundle: Dataset, **overrides) -> TrainConfig:
-        """The bundle's recommended defaults, then the caller's overrides (None = keep)."""
+        """The bundle's recommended defaults, then the caller's overrides (None = keep).
+
+        Every run is planned here, so this is where bad input is refused, before anything is
+        stored: the options (:func:`check_options`) and the data (:func:`check_data`).
+        """
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in bundle.training_defaults.items() if k in known}
+        check_options(values, where=f"{_manifest(bundle)}: training_defaults: ")
         values.update({k: v for k, v in overrides.items() if v is not None})
         values["bundle"] = str(bundle.path)
         values["data_options"] = dict(bundle.data_options)
@@ -89,6 +99,7 @@ class TrainConfig:
         config.strategy = config.parsed().name if config.strategy != "btkd" else "btkd"
         if config.strategy == "btkd":
             config.normalisation = "subset"
+        check_data(bundle)
         return config
 
     def parsed(self) -> Strategy:
@@ -120,6 +131,76 @@ class TrainConfig:
         else:
             values["method_options"] = asdict(method)
         return values
+
+
+def _whole(low: int, high: float = math.inf) -> Callable[[object], bool]:
+    return lambda v: (isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                      and low <= v <= high)
+
+
+def _real(low: float, high: float = math.inf, *, open_low: bool = False
+          ) -> Callable[[object], bool]:
+    return lambda v: (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+                      and (v > low if open_low else v >= low) and v <= high)
+
+
+# option -> (accepts a value, what to give instead)
+OPTION_RANGES: dict[str, tuple[Callable[[object], bool], str]] = {
+    "epochs": (_whole(1), "a whole number, 1 or more"),
+    "batch_size": (_whole(1), "a whole number, 1 or more"),
+    "unlabelled_batch_size": (_whole(1), "a whole number, 1 or more"),
+    "seed": (_whole(-(2**63), 2**63 - 1), "a whole number of at most 63 bits"),  # torch's
+    "lr": (_real(0, open_low=True), "a finite number above 0"),
+    "temperature": (_real(0, open_low=True), "a finite number above 0"),
+    "lam": (_real(0, 1), "a number from 0 to 1"),
+    "weight_decay": (_real(0), "a finite number, 0 or more"),
+    "optimizer": (lambda v: v in ("adam", "sgd"), "adam or sgd"),
+    "lr_schedule": (lambda v: v in ("cosine", "constant"), "cosine or constant"),
+}
+CLI_OPTIONS = ("epochs", "batch_size", "lr", "temperature", "lam")
+
+
+def check_options(values: dict, where: str = "") -> None:
+    """A one-line DataError for the first training option out of its range (see
+    OPTION_RANGES); options not given are not checked. ``where`` prefixes the message (the
+    manifest, for a bundle's training defaults); without it the message names the CLI flag."""
+    for name, (accepts, what) in OPTION_RANGES.items():
+        if name in values and not accepts(values[name]):
+            flag = f" (--{name.replace('_', '-')})" if not where and name in CLI_OPTIONS else ""
+            raise DataError(f"{where}{name} = {values[name]!r} is out of range; "
+                            f"give {what}{flag}")
+
+
+def _manifest(data: Dataset) -> Path:
+    """The file that describes the data: a bundle's manifest, or the tabular file itself."""
+    path = Path(data.path)
+    return path / "manifest.json" if path.is_dir() else path
+
+
+def check_data(data: Dataset) -> int | None:
+    """Refuse, with one line, data that could not train: read and check its arrays, then check
+    that the student's architecture takes the inputs and gives one logit per class, that it
+    fits in memory, and that the teacher's weights fit the teacher's (without building it; see
+    kdcore.learning.teachers). Returns the teacher's parameter count (None: only its outputs are
+    known). Nothing is built, so this is cheap to call for every planned run."""
+    rows, n_classes = data.x("train").shape[1:], data.n_classes  # a bundle checks every array
+    where = _manifest(data)
+    for role, spec in (("student", data.student_spec), ("teacher", data.teacher_spec)):
+        if spec is None:
+            continue
+        try:
+            check_io(spec, rows, n_classes)
+        except DataError as exc:
+            raise DataError(f"{where}: {role}.architecture: {exc}") from None
+    needed = 4 * 4 * spec_parameters(data.student_spec)  # weights, gradients, two Adam moments
+    if needed > _memory_bytes():
+        raise DataError(f"{where}: student.architecture needs {needed / 2**30:,.0f} GiB to "
+                        "train, more than this machine has; give it fewer or smaller layers")
+    return check_teacher(data)
+
+
+def _memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 @dataclass
@@ -366,24 +447,6 @@ def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 4096) -> 
     return out
 
 
-def bias_inheritance(student_pred: np.ndarray, teacher_pred: np.ndarray,
-                     labels: np.ndarray) -> float:
-    """Of the samples the teacher gets wrong, the share the student gets wrong the same way."""
-    teacher_wrong = teacher_pred != labels
-    if not teacher_wrong.any():
-        return float("nan")
-    return float((student_pred[teacher_wrong] == teacher_pred[teacher_wrong]).mean())
-
-
-def per_class_accuracy(pred: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict:
-    correct = np.bincount(labels[pred == labels], minlength=len(class_names))
-    support = np.bincount(labels, minlength=len(class_names))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        acc = correct / support
-    return {name: (None if support[i] == 0 else float(acc[i]))
-            for i, name in enumerate(class_names)}
-
-
 def final_metrics(test_logits: np.ndarray, bundle: Dataset) -> dict:
     """Final metrics of a student against the bundle's test labels and teacher."""
     labels = bundle.y("test")
@@ -427,7 +490,7 @@ def train_student(config: TrainConfig, bundle: Dataset | None = None, *,
         best_epoch=result.best_epoch,
         student_params=count_parameters(model),
         teacher_params=(None if bundle.teacher_spec is None  # tabular: only its outputs
-                        else count_parameters(build_model(bundle.teacher_spec))),
+                        else spec_parameters(bundle.teacher_spec)),
         train_seconds=round(result.seconds, 3),
         world_size=rank_and_world()[1],
     )

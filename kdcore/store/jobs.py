@@ -9,7 +9,8 @@ Progress, per-epoch metrics and the final result go to the run store, so any rea
 :func:`cancel_job` asks a job to stop (it checks between batches).
 
 The CLI trains in its own process pool instead (:func:`kdcore.value.compare.run_all`); its
-workers call :func:`exit_with_parent`, so a killed CLI leaves none behind.
+workers call :func:`kdcore.learning.distributed.exit_with_parent`, so a killed CLI leaves none
+behind. Job processes do not: they outlive the app that started them, on purpose.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +34,9 @@ from kdcore.learning.allocator import keep_freed_memory
 from kdcore.learning.distributed import init_process_group, rank_and_world, shutdown
 from kdcore.learning.train import Cancelled, TrainConfig, save_artifacts, train_student
 from kdcore.store import overrides as label_overrides
+from kdcore.store.runs import JOB_LOG as LOG_FILE  # a job's output, in its run's folder
 from kdcore.store.runs import RunStore, config_key
 
-LOG_FILE = "job.log"
 LOCK_FILE = "jobs.lock"
 
 
@@ -152,10 +151,19 @@ def plan_work(store: RunStore, configs: Sequence[TrainConfig], *, reuse: bool = 
 
 def queue_runs(configs: Sequence[TrainConfig], *, workspace: str | Path | None = None,
                reuse: bool = True, max_jobs: int | None = None) -> list[str]:
-    """Queue the configs that are new work (:func:`plan_work`) and start what the limit
-    allows; returns the queued run ids, in the order they will start."""
+    """Queue the configs that are new work (as :func:`plan_work` tells them, but decided run by
+    run in one transaction: :meth:`RunStore.claim`, so two tabs queueing at once never queue a
+    run twice) and start what the limit allows; returns the queued run ids, in the order they
+    will start: seed-major (every strategy of seed 0, then of seed 1, ...; the given order
+    within a seed), so a comparison gains all its strategies early and then more seeds of
+    each."""
     store = RunStore(workspace)
-    return _enqueue(store, plan_work(store, configs, reuse=reuse).todo, max_jobs)
+    for config in configs:
+        label_overrides.attach(config, store.workspace)
+    claims = [store.claim(c.to_dict(), queue=True, reuse=reuse)
+              for c in sorted(configs, key=lambda c: c.seed)]
+    start_queued(store.workspace, max_jobs=max_jobs)
+    return [run_id for run_id, new in claims if new]
 
 
 def start_job(config: TrainConfig, *, workspace: str | Path | None = None,
@@ -163,16 +171,9 @@ def start_job(config: TrainConfig, *, workspace: str | Path | None = None,
     """Queue one run, identical ones notwithstanding, and start it when a slot is free."""
     store = RunStore(workspace)
     label_overrides.attach(config, store.workspace)
-    return _enqueue(store, [config], max_jobs)[0]
-
-
-def _enqueue(store: RunStore, configs: Sequence[TrainConfig], max_jobs: int | None) -> list[str]:
-    """Seed-major (every strategy of seed 0, then of seed 1, ...; the given order within a
-    seed), so a comparison gains all its strategies early and then more seeds of each."""
-    ordered = sorted(configs, key=lambda c: c.seed)
-    ids = [store.create(c.to_dict(), queue=True) for c in ordered]
+    run_id = store.create(config.to_dict(), queue=True)
     start_queued(store.workspace, max_jobs=max_jobs)
-    return ids
+    return run_id
 
 
 def start_queued(workspace: str | Path | None = None, *, max_jobs: int | None = None
@@ -193,16 +194,17 @@ def start_queued(workspace: str | Path | None = None, *, max_jobs: int | None = 
         for run in waiting:
             if running + len(started) >= limit:
                 break
-            try:
-                store.start(run.id)  # claimed by this process until its job has a pid
-            except DataError:  # cancelled since the list was read
+            if not store.take_queued(run.id):  # cancelled or taken since the list was read
                 continue
             try:
                 pid = _spawn(store, run.id, limit)
-            except OSError as exc:
-                store.fail(run.id, f"could not start its job process: {exc}")
+            except BaseException as exc:  # never left claimed by a launcher that lives on
+                store.fail(run.id, f"could not start its job process: {exc or type(exc).__name__}")
                 raise
-            store.start(run.id, pid=pid)
+            try:
+                store.start(run.id, pid=pid)  # the job's own pid, from now on
+            except DataError:  # cancelled meanwhile: the job sees it and ends
+                continue
             started.append(run.id)
     return started
 
@@ -240,17 +242,6 @@ def run_job(run_id: str, *, workspace: str | Path | None = None,
     finally:
         start_queued(workspace, max_jobs=max_jobs)
     return 0
-
-
-def exit_with_parent(parent_pid: int, interval_s: float = 1.0) -> None:
-    """Pool-worker initializer: end this process once its parent is gone, so a killed CLI
-    leaves no worker training on (its run is then reaped as interrupted)."""
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(interval_s)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def cancel_job(run_id: str, *, workspace: str | Path | None = None) -> str:

@@ -21,6 +21,12 @@ SQLite.
 Stale runs: a run left ``running`` (or ``queued`` with a pid) by a process that is gone on
 this host is marked ``failed`` with an "interrupted: ..." error by :meth:`RunStore.reap_stale`,
 which :meth:`RunStore.get` and :meth:`RunStore.list` call first.
+
+Identical runs: :meth:`RunStore.claim` finds or creates the run of a config in one transaction,
+so two commands asking for the same config at once never train it twice.
+
+A row whose stored JSON (config or metrics) does not parse reads as a ``failed`` run with an
+"unreadable ..." error: one damaged row never breaks listing the others.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ __all__ = [
     "CANCEL_FILE",
     "DB_NAME",
     "FRAME_COLUMNS",
+    "JOB_LOG",
     "RUNS_DIR",
     "SCHEMA_VERSION",
     "STATUSES",
@@ -70,6 +77,7 @@ SCHEMA_VERSION = 2  # 1: tables; 2: run configs with method_options
 DB_NAME = "runs.sqlite"
 RUNS_DIR = "runs"
 CANCEL_FILE = "CANCEL"
+JOB_LOG = "job.log"  # a background job's output (kdcore.store.jobs)
 
 # Connections inherited through os.fork(): kept referenced so the child never closes them.
 _INHERITED_CONNECTIONS: list[sqlite3.Connection] = []
@@ -187,7 +195,9 @@ def _migrate_configs(conn: sqlite3.Connection,
     """Rewrite every run's config with ``upgrade(config) -> config`` and recompute its key, so
     that an equal config of the new shape finds the old run (inside the caller's transaction)."""
     for row in conn.execute("SELECT id, config FROM runs").fetchall():
-        config = json.loads(row["config"]) if row["config"] else {}
+        config = _loads(row["config"])
+        if config is None:
+            continue  # unreadable: left as it is, and read as such (see _row_to_run)
         new = upgrade(config)
         if new is not config:
             conn.execute("UPDATE runs SET config = ?, config_key = ? WHERE id = ?",
@@ -269,6 +279,7 @@ class Run:
     config_key: str = ""
     cancel_requested: bool = False
     updated_at: str | None = None
+    unreadable: bool = False  # its stored JSON is damaged: read as failed, ``error`` says so
 
     @property
     def fraction(self) -> float | None:
@@ -301,16 +312,38 @@ _RUN_COLUMNS = (
 )
 
 
+def _loads(text: str | None) -> dict[str, Any] | None:
+    """A stored JSON object ({} for none), or None when the text is not one (a damaged row)."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def _row_to_run(row: sqlite3.Row) -> Run:
+    """The run of a row; a row whose config or metrics do not parse reads as a failed run that
+    says so, so that it is never reused or compared, and the rest of the store stays usable."""
+    config, metrics = _loads(row["config"]), _loads(row["metrics"])
+    status, error = row["status"], row["error"]
+    damaged = [name for name, value in (("config", config), ("metrics", metrics))
+               if value is None]
+    if damaged:
+        status = "failed"
+        error = (f"unreadable run record: its stored {' and '.join(damaged)} "
+                 f"{'is' if len(damaged) == 1 else 'are'} not valid JSON; remove it with "
+                 f"`kdcore runs rm {row['id']}`")
     return Run(
         id=row["id"],
-        status=row["status"],
+        status=status,
         strategy=row["strategy"],
         seed=row["seed"],
         bundle=row["bundle"],
-        config=json.loads(row["config"]) if row["config"] else {},
-        metrics=json.loads(row["metrics"]) if row["metrics"] else {},
-        error=row["error"],
+        config=config or {},
+        metrics=metrics or {},
+        error=error,
         created_at=row["created_at"],
         started_at=row["started_at"],
         finished_at=row["finished_at"],
@@ -322,6 +355,7 @@ def _row_to_run(row: sqlite3.Row) -> Run:
         config_key=row["config_key"],
         cancel_requested=bool(row["cancel_requested"]),
         updated_at=row["updated_at"],
+        unreadable=bool(damaged),
     )
 
 
@@ -568,6 +602,53 @@ class RunStore:
         creator is gone is reaped as interrupted). With ``queue`` no pid is recorded: the run
         waits for the job queue (:mod:`kdcore.store.jobs`), however long its creator lives.
         """
+        with self._write() as conn:
+            return self._insert(conn, config, status=status, queue=queue)
+
+    def claim(self, config: Mapping[str, Any], *, queue: bool = False,
+              reuse: bool = True) -> tuple[str, bool]:
+        """The run that produces ``config``, decided and created in one transaction, so two
+        commands asking for the same config at once never both train it.
+
+        Returns ``(run_id, True)`` for a run the caller must train: a new one (as
+        :meth:`create` makes it) or, without ``queue``, an identical run still waiting in the
+        job queue, taken over as :meth:`take_queued` does. ``(run_id, False)`` is an identical
+        run that is done (with ``reuse``) or in flight elsewhere: wait for it.
+        """
+        self.reap_stale()
+        key = config_key(config)
+        with self._write() as conn:
+            if reuse:
+                for row in conn.execute(
+                        f"SELECT {_RUN_COLUMNS} FROM runs WHERE config_key = ? AND status = 'done'"
+                        " ORDER BY finished_at DESC, created_at DESC", (key,)).fetchall():
+                    if _row_to_run(row).status == "done":  # not an unreadable one
+                        return row["id"], False
+            row = conn.execute(
+                "SELECT id FROM runs WHERE config_key = ? AND status IN ('queued', 'running')"
+                " ORDER BY created_at, id LIMIT 1", (key,)).fetchone()
+            if row is not None:
+                return row["id"], not queue and self._take(conn, row["id"])
+            return self._insert(conn, config, status="queued", queue=queue), True
+
+    def take_queued(self, run_id: str) -> bool:
+        """Claim a run waiting in the job queue for this process: its pid is recorded, so the
+        run is reaped should this process die before it hands the run on. False when the run
+        was cancelled, started or taken since it was listed."""
+        with self._write() as conn:
+            return self._take(conn, run_id)
+
+    def _take(self, conn: sqlite3.Connection, run_id: str) -> bool:
+        pid = os.getpid()
+        cur = conn.execute(
+            "UPDATE runs SET pid = ?, pid_started = ?, host = ?, updated_at = ? WHERE id = ?"
+            " AND status = 'queued' AND pid IS NULL",
+            (pid, _pid_start(pid), self._host, _now(), run_id))
+        return cur.rowcount == 1
+
+    def _insert(self, conn: sqlite3.Connection, config: Mapping[str, Any], *, status: str,
+                queue: bool) -> str:
+        """One new row, inside the caller's transaction; returns its id."""
         if not isinstance(config, Mapping):
             raise DataError(f"a run config must be a dict, not {type(config).__name__}")
         if status not in STATUSES:
@@ -590,15 +671,14 @@ class RunStore:
         for _ in range(20):
             run_id = _new_run_id()
             try:
-                with self._write() as conn:
-                    conn.execute(
-                        "INSERT INTO runs (id, status, strategy, seed, bundle, config, config_key,"
-                        " created_at, started_at, finished_at, updated_at, pid, pid_started, host)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (run_id, status, None if strategy is None else str(strategy), seed,
-                         None if bundle is None else str(bundle), config_json, key, now,
-                         started, finished, now, pid, _pid_start(pid), self._host),
-                    )
+                conn.execute(
+                    "INSERT INTO runs (id, status, strategy, seed, bundle, config, config_key,"
+                    " created_at, started_at, finished_at, updated_at, pid, pid_started, host)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (run_id, status, None if strategy is None else str(strategy), seed,
+                     None if bundle is None else str(bundle), config_json, key, now,
+                     started, finished, now, pid, _pid_start(pid), self._host),
+                )
                 return run_id
             except sqlite3.IntegrityError:
                 continue  # id collision with a run created in the same second: draw again
@@ -651,7 +731,9 @@ class RunStore:
         records: list[dict[str, Any]] = []
         columns: dict[str, None] = {"epoch": None}
         for row in rows:
-            metrics = json.loads(row["metrics"])
+            metrics = _loads(row["metrics"])
+            if metrics is None:
+                continue  # a damaged epoch row: the curve goes on without it
             for key in metrics:
                 if key != "epoch":
                     columns.setdefault(key, None)
@@ -703,16 +785,21 @@ class RunStore:
 
         Accepts a unique id prefix; returns the full id. The status does not change here:
         the trainer sees the request (:meth:`cancel_requested`), stops and calls
-        :meth:`mark_cancelled`.
+        :meth:`mark_cancelled`. A finished run (or one whose process is gone) raises
+        DataError and nothing is written.
         """
+        self.reap_stale()
         run_id = self.resolve_id(run_id)
-        sentinel = self.artifact_dir(run_id) / CANCEL_FILE
-        sentinel.write_text(_now() + "\n")
-        now = _now()
         with self._write() as conn:
-            conn.execute(
-                "UPDATE runs SET cancel_requested = 1, updated_at = ? WHERE id = ?", (now, run_id)
-            )
+            row = conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise self._unknown(run_id)
+            if row["status"] in TERMINAL_STATUSES:
+                raise DataError(f"run {run_id} has already finished ({row['status']}); there is "
+                                "nothing to cancel")
+            (self.artifact_dir(run_id) / CANCEL_FILE).write_text(_now() + "\n")
+            conn.execute("UPDATE runs SET cancel_requested = 1, updated_at = ? WHERE id = ?",
+                         (_now(), run_id))
         return run_id
 
     def cancel_requested(self, run_id: str) -> bool:
@@ -769,18 +856,21 @@ class RunStore:
             params.append(int(limit))
         with self._connect() as conn:
             rows = conn.execute(sql, params).fetchall()
-        return [_row_to_run(r) for r in rows]
+        runs = [_row_to_run(r) for r in rows]
+        if status is not None:  # an unreadable row reads as failed, whatever it is stored as
+            runs = [r for r in runs if r.status in wanted]
+        return runs
 
     def find_done(self, config: Mapping[str, Any]) -> Run | None:
         """The newest ``done`` run whose config is identical to ``config``, else None."""
         key = config_key(config)
         with self._connect() as conn:
-            row = conn.execute(
+            rows = conn.execute(
                 f"SELECT {_RUN_COLUMNS} FROM runs WHERE config_key = ? AND status = 'done'"
-                " ORDER BY finished_at DESC, created_at DESC LIMIT 1",
+                " ORDER BY finished_at DESC, created_at DESC",
                 (key,),
-            ).fetchone()
-        return _row_to_run(row) if row is not None else None
+            ).fetchall()
+        return next((run for run in map(_row_to_run, rows) if run.status == "done"), None)
 
     # ------------------------------------------------------------------ artifacts
 
@@ -817,6 +907,18 @@ class RunStore:
 
     # ------------------------------------------------------------------ stale runs
 
+    def _last_log_line(self, run_id: str) -> str:
+        """``"; its log ends: ..."`` with the last line of a job's log (why a job died during
+        start-up, e.g. an import error), or "" without one."""
+        try:
+            with (self.runs_dir / run_id / JOB_LOG).open("rb") as log:
+                log.seek(max(0, log.seek(0, os.SEEK_END) - 4096))
+                tail = log.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+        lines = [line.strip() for line in tail.splitlines() if line.strip()]
+        return f"; its log ends: {_one_line(lines[-1], 300)}" if lines else ""
+
     def reap_stale(self) -> list[str]:
         """Mark runs whose process is gone on this host as ``failed`` ("interrupted: ...").
 
@@ -831,18 +933,16 @@ class RunStore:
         dead = [r for r in rows if not _process_alive(int(r["pid"]), r["pid_started"])]
         if not dead:
             return []
+        errors = {r["id"]: "interrupted: the training process exited without finishing "
+                           f"(pid {r['pid']})" + self._last_log_line(r["id"]) for r in dead}
         reaped: list[str] = []
         now = _now()
         with self._write() as conn:
             for r in dead:
-                error = (
-                    "interrupted: the training process exited without finishing "
-                    f"(pid {r['pid']})"
-                )
                 cur = conn.execute(
                     "UPDATE runs SET status = 'failed', error = ?, finished_at = ?,"
                     " updated_at = ? WHERE id = ? AND status = ? AND pid = ? AND host = ?",
-                    (error, now, now, r["id"], r["status"], r["pid"], self._host),
+                    (errors[r["id"]], now, now, r["id"], r["status"], r["pid"], self._host),
                 )
                 if cur.rowcount:
                     reaped.append(r["id"])

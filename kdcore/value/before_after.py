@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from kdcore.analysis.metrics import per_class_accuracy
 from kdcore.errors import DataError
-from kdcore.learning.train import per_class_accuracy
 from kdcore.store.runs import Run, RunStore
 from kdcore.store.selection import best_student
 from kdcore.value.compare import BASELINE

@@ -1,32 +1,36 @@
 """Compare strategies over seeds, honestly: means, spreads, paired differences with intervals.
 
-Runs already finished with an identical config are reused from the store; the rest are
-trained in parallel worker processes of this one (``compare``, the CLI), or queued as
-background jobs (``start_demo``, the dashboard).
+Runs already finished with an identical config are reused from the store, and identical ones
+in flight are waited for; the rest are trained in parallel worker processes of this one
+(``compare``, the CLI; they die with it), or queued as background jobs (``start_demo``, the
+dashboard).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
+from kdcore.analysis.metrics import paired_difference
 from kdcore.data.bundles import Bundle
 from kdcore.errors import KDCoreError
+from kdcore.learning.distributed import exit_with_parent
 from kdcore.learning.strategies import is_bias_aware
 from kdcore.learning.train import TrainConfig
 from kdcore.store import overrides as label_overrides
-from kdcore.store.jobs import execute_run, exit_with_parent, queue_runs
+from kdcore.store.jobs import execute_run, queue_runs
 from kdcore.store.runs import Run, RunStore
 from kdcore.store.selection import demo_configs
 
 BASELINE = "kd"
+POLL_S = 0.5  # how often run_all looks at the runs another command trains for it
 
 
 def plan(bundle: Bundle, strategies: Sequence[str], seeds: Sequence[int],
@@ -38,48 +42,61 @@ def plan(bundle: Bundle, strategies: Sequence[str], seeds: Sequence[int],
 
 def run_all(store: RunStore, configs: Sequence[TrainConfig], *, workers: int = 2,
             on_done: Callable[[Run, bool], None] | None = None) -> list[Run]:
-    """Reuse finished identical runs, train the rest; return one finished run per config.
+    """Reuse finished identical runs, wait for identical ones in flight, train the rest; return
+    one finished run per config.
 
+    Each config is claimed in one transaction (:meth:`RunStore.claim`), so two identical
+    ``compare`` commands at once train every run once: the second waits for the first's runs,
+    and trains a run itself if the first ends without finishing it (killed, cancelled).
     ``on_done(run, reused)`` is called as each run becomes available. A failed run raises.
     """
-    runs: dict[int, Run] = {}
-    todo: dict[int, str] = {}
-    for i, config in enumerate(configs):
+    for config in configs:  # every override read (and any error) before a run is created
         label_overrides.attach(config, store.workspace)
-        done = store.find_done(config.to_dict())
-        if done is not None:
-            runs[i] = done
+    runs: dict[int, Run] = {}
+    training: dict[Future, tuple[int, str]] = {}
+    waiting: dict[int, str] = {}
+    with ProcessPoolExecutor(max_workers=max(1, min(workers, len(configs))),
+                             mp_context=get_context("spawn"), initializer=exit_with_parent,
+                             initargs=(os.getpid(),)) as pool:  # workers start on demand
+
+        def claim(i: int) -> None:
+            run_id, mine = store.claim(configs[i].to_dict())
+            if mine:
+                training[pool.submit(execute_run, run_id, workspace=store.workspace)] = (i, run_id)
+            else:
+                waiting[i] = run_id
+
+        def available(i: int, run: Run, reused: bool) -> None:
+            runs[i] = run
             if on_done:
-                on_done(done, True)
-        else:
-            todo[i] = store.create(config.to_dict())
-    if todo:
-        with ProcessPoolExecutor(max_workers=max(1, min(workers, len(todo))),
-                                 mp_context=get_context("spawn"), initializer=exit_with_parent,
-                                 initargs=(os.getpid(),)) as pool:
-            futures = {pool.submit(execute_run, run_id, workspace=store.workspace): i
-                       for i, run_id in todo.items()}
-            for future in as_completed(futures):
-                i = futures[future]
+                on_done(run, reused)
+
+        for i in range(len(configs)):
+            claim(i)
+        while training or waiting:
+            for i, run_id in list(waiting.items()):
+                run = store.get(run_id)
+                if run.finished:
+                    del waiting[i]
+                    if run.status == "done":
+                        available(i, run, True)
+                    else:
+                        claim(i)
+            finished: set[Future] = set()
+            if training:
+                finished, _ = wait(training, timeout=POLL_S if waiting else None,
+                                   return_when=FIRST_COMPLETED)
+            elif waiting:
+                time.sleep(POLL_S)
+            for future in finished:
+                i, run_id = training.pop(future)
                 try:
                     future.result()
                 except KDCoreError as exc:
-                    raise KDCoreError(f"run {todo[i]} ({configs[i].strategy}, seed "
+                    raise KDCoreError(f"run {run_id} ({configs[i].strategy}, seed "
                                       f"{configs[i].seed}) failed: {exc}") from None
-                runs[i] = store.get(todo[i])
-                if on_done:
-                    on_done(runs[i], False)
+                available(i, store.get(run_id), False)
     return [runs[i] for i in range(len(configs))]
-
-
-def paired_difference(values: np.ndarray, baseline: np.ndarray) -> dict:
-    """Mean of per-seed differences and its 95% t-interval (NaN-free: None when n < 2)."""
-    diffs = np.asarray(values, float) - np.asarray(baseline, float)
-    mean = float(diffs.mean())
-    if len(diffs) < 2:
-        return {"mean": mean, "ci95": None}
-    half = float(stats.t.ppf(0.975, len(diffs) - 1) * diffs.std(ddof=1) / math.sqrt(len(diffs)))
-    return {"mean": mean, "ci95": [mean - half, mean + half]}
 
 
 def summarise(runs: Sequence[Run]) -> dict:

@@ -7,6 +7,7 @@ report. No Streamlit here, so every chart can be tested and reused.
 
 from __future__ import annotations
 
+import html
 import zlib
 from collections.abc import Sequence
 
@@ -16,8 +17,9 @@ import plotly.express as px
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from kdcore.analysis.bias import confusion_cells
 from kdcore.learning.strategies import strategy_order
-from kdcore.value.roi import format_money
+from kdcore.value.formatting import format_money
 
 Figure = go.Figure  # for type hints elsewhere, without importing plotly there
 
@@ -30,6 +32,7 @@ RECTIFIED = "#2CA02C"   # green: the teacher's distribution after rectification
 SUPPORT = "#BDC3C7"     # light grey: how many samples a class has
 LABEL_ERROR = "#F2A33A"  # amber: a teacher "mistake" that is likely a label error
 ERROR_SCALE = "Reds"
+HEATMAP_CLASSES = 30  # a confusion heatmap of more classes draws the most confused ones
 SERIES = px.colors.qualitative.Safe
 # Each strategy keeps one colour on every chart (colour-blind safe Okabe-Ito and Tol colours,
 # none of them the student blue or the teacher grey); a strategy not listed gets a fixed one
@@ -41,9 +44,20 @@ STRATEGY_COLOURS = {"ce": "#CC79A7", "kd": "#E69F00", "kd+be": "#44AA99",
 _FONT = dict(size=13)
 
 
+def _plain(text: object) -> str:
+    """User text (a class name, a sample id, a title) as Plotly shows it: literally.
+
+    Plotly reads a subset of HTML in every title, tick label, legend entry and hover text
+    (``<a href>``, ``<span style>``, ``<b>``, ``<br>``), so a class named ``<a href=...>`` would
+    become a link. Escaped, ``&lt;`` shows as "<". Quotes stay as they are: Plotly decodes no
+    ``&quot;``, and without a "<" they start no tag.
+    """
+    return html.escape(str(text), quote=False)
+
+
 def _finish(fig: go.Figure, title: str, *, height: int | None = None) -> go.Figure:
     fig.update_layout(
-        title=dict(text=title, x=0, xanchor="left"),
+        title=dict(text=_plain(title), x=0, xanchor="left"),
         font=_FONT,
         margin=dict(l=10, r=10, t=60, b=10),
         legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1),
@@ -65,12 +79,12 @@ def bias_rate_bars(per_class: pd.DataFrame) -> go.Figure:
     Every point carries ``customdata = [class index]`` so a click can filter a sample view.
     """
     df = per_class.reset_index(drop=True)
-    classes = df["class"].astype(str).tolist()
+    classes = [_plain(c) for c in df["class"]]
     support = df["support"].to_numpy()
     rate = df["bias_rate"].to_numpy(dtype=float)
     wrong = np.rint(np.nan_to_num(rate) * support).astype(int)
     idx = [[i] for i in range(len(df))]  # plain lists: the browser returns them as clicked
-    confused = df.get("most_confused_with", pd.Series([None] * len(df))).fillna("—").astype(str)
+    confused = df.get("most_confused_with", pd.Series([None] * len(df))).fillna("—").map(_plain)
     rate0 = np.nan_to_num(rate)
     hover = [
         f"class {c}: wrong on {w} of {s} samples ({r:.1%})<br>most often read as {m}"
@@ -117,18 +131,28 @@ def bias_rate_bars(per_class: pd.DataFrame) -> go.Figure:
                    height=430)
 
 
-def error_confusion_heatmap(error_confusion: np.ndarray, class_names: Sequence[str],
+def error_confusion_heatmap(error_confusion, class_names: Sequence[str],
                             normalise: bool = False) -> go.Figure:
     """The teacher's mistakes: true class (rows) x the class it predicted (columns).
 
     With ``normalise`` each row shows the share of that class's mistakes going to each wrong
     class. The diagonal (correct predictions) is left blank. An invisible marker sits on every
     non-empty cell with ``customdata = [true index, predicted index]`` so a click selects it.
+    ``error_confusion`` is dense or scipy sparse (many classes); of more than HEATMAP_CLASSES
+    classes only the HEATMAP_CLASSES with the most mistakes (as true or predicted class) are
+    drawn, so the figure stays small whatever the class count.
     """
-    counts = np.asarray(error_confusion, dtype=float)
-    k = counts.shape[0]
-    names = [str(c) for c in class_names]
-    rows = counts.sum(1, keepdims=True)
+    true, predicted, count = confusion_cells(error_confusion)
+    shown = _most_confused(true, predicted, count, len(class_names))
+    k = len(shown)
+    names = [_plain(class_names[i]) for i in shown]
+    position = np.full(len(class_names), -1)
+    position[shown] = np.arange(k)
+    inside = (position[true] >= 0) & (position[predicted] >= 0)
+    counts = np.zeros((k, k))
+    counts[position[true[inside]], position[predicted[inside]]] = count[inside]
+    # a row's share is of all the class's mistakes, drawn or not
+    rows = np.bincount(true, weights=count, minlength=len(class_names))[shown][:, None]
     shares = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
     z = (shares if normalise else counts).copy()
     np.fill_diagonal(z, np.nan)
@@ -154,7 +178,7 @@ def error_confusion_heatmap(error_confusion: np.ndarray, class_names: Sequence[s
         marker=dict(symbol="square", size=28, color="rgba(0,0,0,0)"),
         selected=dict(marker=dict(color="rgba(0,0,0,0)")),
         unselected=dict(marker=dict(opacity=1)),
-        customdata=[[int(i), int(j)] for i, j in zip(ti, pj, strict=True)],
+        customdata=[[int(shown[i]), int(shown[j])] for i, j in zip(ti, pj, strict=True)],
         hovertext=[hover[i, j] for i, j in zip(ti, pj, strict=True)], hoverinfo="text",
         showlegend=False, name="mistakes",
     ))
@@ -162,13 +186,28 @@ def error_confusion_heatmap(error_confusion: np.ndarray, class_names: Sequence[s
     fig.update_yaxes(title_text="true class", type="category", autorange="reversed")
     fig.update_layout(plot_bgcolor="white", clickmode="event+select")
     what = "share of each class's mistakes" if normalise else "number of samples"
+    if k < len(class_names):
+        what += f"; the {k} of {len(class_names):,} classes with the most mistakes"
     return _finish(fig, f"Which classes the teacher confuses ({what})", height=460)
+
+
+def _most_confused(true: np.ndarray, predicted: np.ndarray, count: np.ndarray,
+                   n_classes: int) -> np.ndarray:
+    """Indices (ascending) of the classes a confusion heatmap draws: all of up to
+    HEATMAP_CLASSES, else the HEATMAP_CLASSES with the most mistakes as true or predicted."""
+    if n_classes <= HEATMAP_CLASSES:
+        return np.arange(n_classes)
+    wrong = true != predicted
+    mistakes = (np.bincount(true[wrong], weights=count[wrong], minlength=n_classes)
+                + np.bincount(predicted[wrong], weights=count[wrong], minlength=n_classes))
+    return np.sort(np.argsort(-mistakes, kind="stable")[:HEATMAP_CLASSES])
 
 
 def top_confusions_bar(top_confusions: pd.DataFrame, limit: int = 10) -> go.Figure:
     """The most frequent (true -> predicted) mistakes, largest first."""
     df = top_confusions.head(limit).iloc[::-1]
-    labels = [f"{t} read as {p}" for t, p in zip(df["true"], df["predicted"], strict=True)]
+    labels = [f"{_plain(t)} read as {_plain(p)}"
+              for t, p in zip(df["true"], df["predicted"], strict=True)]
     counts, shares = df["count"].tolist(), df["share"].tolist()
     fig = go.Figure(go.Bar(
         x=counts, y=labels, orientation="h", marker_color=WRONG,
@@ -230,7 +269,7 @@ def probability_bars(class_names: Sequence[str], teacher_probs: np.ndarray,
                      rectified_probs: np.ndarray, *, true_class: int | None = None,
                      title: str | None = None, height: int = 260) -> go.Figure:
     """The teacher's distribution and the distribution after rectification, side by side."""
-    names = [str(c) for c in class_names]
+    names = [_plain(c) for c in class_names]
     fig = go.Figure()
     fig.add_trace(go.Bar(x=names, y=np.asarray(teacher_probs, float), name="teacher",
                          marker_color=WRONG,
@@ -263,7 +302,7 @@ def image_grid(images: np.ndarray, titles: Sequence[str] | None = None, *,
     titles = list(titles) if titles is not None else [str(i) for i in range(n)]
     for annotation in fig.layout.annotations:  # facet titles read "facet_col=i"
         i = int(annotation.text.split("=")[-1])
-        annotation.text = titles[i] if i < len(titles) else ""
+        annotation.text = _plain(titles[i]) if i < len(titles) else ""
         annotation.font.size = 12
     fig.update_xaxes(showticklabels=False, showgrid=False)
     fig.update_yaxes(showticklabels=False, showgrid=False)
@@ -290,7 +329,7 @@ def per_class_before_after(per_class: pd.DataFrame, *, title: str | None = None,
     [0, 1], e.g. ``kdcore.value.before_after.before_after``.
     """
     models = [c for c in per_class.columns if c != "class"]
-    classes = per_class["class"].astype(str)
+    classes = per_class["class"].map(_plain)
     colours = strategy_colours(models, highlight)
     fig = go.Figure()
     for model in models:
@@ -384,7 +423,7 @@ def per_class_change(df: pd.DataFrame, highlight: str | None = None) -> go.Figur
     """Each student's per-class accuracy minus the teacher's, in points (the frame of
     :func:`per_class_before_after`, with its colours)."""
     students = [c for c in df.columns if c not in ("class", "teacher")]
-    classes = df["class"].astype(str)
+    classes = df["class"].map(_plain)
     colours = strategy_colours(students, highlight)
     fig = go.Figure()
     for model in students:

@@ -42,7 +42,8 @@ from kdcore.store.runs import Run, RunStore
 from kdcore.value import figures
 from kdcore.value.before_after import before_after, shown_students
 from kdcore.value.compare import BASELINE, summarise
-from kdcore.value.roi import CostAssumptions, format_money, roi, roi_table, strategy_points
+from kdcore.value.formatting import format_money
+from kdcore.value.roi import CostAssumptions, roi, roi_table, strategy_points
 
 FORMATS = ("html", "pdf", "png")
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")

@@ -41,10 +41,11 @@ import torch
 
 from kdcore.data.bundles import Bundle, load_bundle, load_dataset
 from kdcore.errors import DataError
-from kdcore.learning.models import build_model, count_parameters
+from kdcore.learning.models import build_model, count_parameters, load_weights
 from kdcore.learning.teachers import load_teacher
 from kdcore.store import selection
 from kdcore.store.runs import Run, RunStore
+from kdcore.value.formatting import format_bytes, format_money
 
 DEFAULT_THREADS = 1
 THROUGHPUT_BATCH = 256
@@ -265,13 +266,8 @@ def load_student(store: RunStore, run: Run, bundle: Bundle) -> torch.nn.Module:
     weights = store.artifact_dir(run.id) / "student.pt"
     if not weights.is_file():
         raise DataError(f"run {run.id} has no saved weights ({weights}); train it again")
-    model = build_model(bundle.student_spec)
-    try:
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    except (OSError, RuntimeError, KeyError, EOFError) as exc:
-        raise DataError(f"{weights}: cannot load the student's weights ({exc}); train the run "
-                        "again") from None
-    return model.eval()
+    return load_weights(build_model(bundle.student_spec), weights,
+                        fix="train the run again").eval()
 
 
 def teacher_accuracy(bundle: Bundle) -> float:
@@ -325,26 +321,6 @@ def with_assumptions(doc: dict, assumptions: CostAssumptions | None = None) -> d
     out["cost"] = cost_model(t["latency_ms_p50"], s["latency_ms_p50"], assumptions)
     out["summary"] = summary_text(out)
     return out
-
-
-def format_money(x: float) -> str:
-    """Dollars with the precision a reader needs: $1,234 / $12.35 / $0.0312."""
-    if x is None or not math.isfinite(x):
-        return "n/a"
-    sign, x = ("-" if x < 0 else ""), abs(x)
-    if x >= 100:
-        return f"{sign}${x:,.0f}"
-    if x >= 1 or x == 0 or (x >= 0.01 and round(x, 2) == x):
-        return f"{sign}${x:,.2f}"
-    return f"{sign}${x:.3g}"
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
 
 
 def _times(ratio: float, more: str, less: str) -> str:
