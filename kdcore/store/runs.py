@@ -553,6 +553,13 @@ class RunStore:
 
     # ------------------------------------------------------------------ ids
 
+    def _status(self, conn: sqlite3.Connection, run_id: str) -> str:
+        """The run's status inside an open transaction; an unknown id is a DataError."""
+        row = conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise self._unknown(run_id)
+        return row["status"]
+
     def _unknown(self, run_id: str) -> DataError:
         return DataError(f"no run {run_id} in {self.workspace}; `kdcore runs` lists them")
 
@@ -791,11 +798,9 @@ class RunStore:
         self.reap_stale()
         run_id = self.resolve_id(run_id)
         with self._write() as conn:
-            row = conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
-            if row is None:
-                raise self._unknown(run_id)
-            if row["status"] in TERMINAL_STATUSES:
-                raise DataError(f"run {run_id} has already finished ({row['status']}); there is "
+            status = self._status(conn, run_id)
+            if status in TERMINAL_STATUSES:
+                raise DataError(f"run {run_id} has already finished ({status}); there is "
                                 "nothing to cancel")
             (self.artifact_dir(run_id) / CANCEL_FILE).write_text(_now() + "\n")
             conn.execute("UPDATE runs SET cancel_requested = 1, updated_at = ? WHERE id = ?",
@@ -892,10 +897,7 @@ class RunStore:
         self.reap_stale()
         run_id = self.resolve_id(run_id)
         with self._write() as conn:
-            row = conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
-            if row is None:
-                raise self._unknown(run_id)
-            if row["status"] == "running" and not force:
+            if self._status(conn, run_id) == "running" and not force:
                 raise DataError(
                     f"run {run_id} is still running; cancel it first (`kdcore runs cancel "
                     f"{run_id}`) or delete with force"
