@@ -459,7 +459,7 @@ def cmd_dashboard(args: argparse.Namespace) -> NoReturn:
         env[ENV_HOME] = str(resolve_workspace(args.workspace))
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.host,
            "--server.port", str(args.port), "--server.headless", "true",
-           "--browser.gatherUsageStats", "false"]
+           "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal"]
     print(f"kdcore dashboard: http://{args.host}:{args.port}", file=sys.stderr, flush=True)
     os.execve(sys.executable, cmd, env)
 
@@ -600,6 +600,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _silence_stdout() -> None:
+    """Point stdout at the null device, so the interpreter's final flush into a closed pipe
+    neither fails nor prints "Exception ignored ... BrokenPipeError"."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (tests capture it)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "seeds", 1) is not None and getattr(args, "seeds", 1) < 1:
@@ -613,6 +623,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         say("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `kdcore ... | head` closed the pipe: the reader has what it wants
+        _silence_stdout()
+        return 0
     except Exception as exc:  # one line, never a traceback, unless asked for
         if os.environ.get("KDCORE_DEBUG"):
             raise

@@ -1,3 +1,8 @@
+import contextlib
+import os
+import signal
+import time
+
 import pytest
 import torch
 
@@ -29,3 +34,45 @@ def trained(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)  # execute_run pins one thread
     return ws, [store.get(i) for i in ids]
+
+
+def _processes_under(base: str) -> list[tuple[int, str]]:
+    """(pid, command line) of this user's live processes whose KDCORE_HOME or working folder
+    is under ``base``: servers and jobs a test started."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as fh:
+                env = fh.read().split(b"\0")
+            with open(f"/proc/{entry.name}/cmdline", "rb") as fh:
+                cmd = fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            with open(f"/proc/{entry.name}/stat") as fh:
+                if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
+            cwd = os.readlink(f"/proc/{entry.name}/cwd")
+        except OSError:
+            continue
+        home = next((v.split(b"=", 1)[1].decode(errors="replace") for v in env
+                     if v.startswith(b"KDCORE_HOME=")), "")
+        if home.startswith(base) or cwd.startswith(base):
+            found.append((int(entry.name), cmd))
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind(tmp_path_factory):
+    """After the session, no server or job a test started may still run: they are killed,
+    and the session fails naming them, so the test that leaked one gets fixed."""
+    base = str(tmp_path_factory.getbasetemp())
+    yield
+    deadline = time.monotonic() + 15  # jobs a test cancelled need a moment to exit
+    while (left := _processes_under(base)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid, _ in left:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    if left:
+        pytest.fail("processes left behind by the tests (killed now): "
+                    + "; ".join(f"{pid} {cmd[:120]}" for pid, cmd in left), pytrace=False)

@@ -80,3 +80,15 @@ def test_the_override_source_is_the_content_not_the_name(tmp_path):
     df.to_csv(path, index=False)
     uploaded = read_prediction_table(path.read_bytes(), name="renamed.csv")
     assert source_key(load_predictions(path)) == source_key(uploaded)
+
+
+def test_a_closed_pipe_ends_quietly_with_status_0():
+    """`kdcore analyze --json | head -c 1`: the reader closes the pipe before the document is
+    written; the command ends with 0 and says nothing (it failed with BrokenPipeError before)."""
+    script = ("set -o pipefail; " + " ".join([sys.executable, "-m", "kdcore", "analyze", "--json"])
+              + " | head -c 1 >/dev/null")
+    for _ in range(3):  # the race that made it fail sometimes: the reader is always gone here
+        proc = subprocess.run(["bash", "-c", f"sleep 0; {script}"], capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stderr == ""
