@@ -9,6 +9,7 @@ Skips without Playwright or Chromium.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -171,3 +172,46 @@ def test_teacher_bias_page_draws_its_charts_on_every_fresh_server(browser, tmp_p
                 assert page.locator("[data-testid='stException']").count() == 0, round_
             finally:
                 page.close()
+
+
+_IN_FLIGHT = r"""
+import sys, time
+from kdcore.data.bundles import load_bundle
+from kdcore.learning.train import TrainConfig
+from kdcore.store.runs import RunStore
+store = RunStore(sys.argv[1])
+run_id = store.create(TrainConfig.for_bundle(load_bundle(None), strategy="kd", seed=0).to_dict())
+store.start(run_id)
+print(run_id, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.browser
+def test_train_form_counts_again_when_a_job_ends(browser, tmp_path):
+    """A job in the Train form's plan is counted as "training right now"; when it ends the
+    form says so without the user touching a widget (it kept the stale count before)."""
+    workspace = tmp_path / "ws"
+    job = subprocess.Popen([sys.executable, "-c", _IN_FLIGHT, str(workspace)],
+                           stdout=subprocess.PIPE, text=True, start_new_session=True,
+                           env={**os.environ, "KDCORE_HOME": str(workspace)})
+    try:
+        assert job.stdout.readline().strip(), "the stand-in job did not start"
+        with dashboard(workspace) as url:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            try:
+                page.goto(f"{url}/train", timeout=CONNECT_S * 1000)
+                busy = page.get_by_text("queued or training right now", exact=False)
+                busy.first.wait_for(timeout=CONNECT_S * 1000)
+                os.killpg(job.pid, signal.SIGKILL)  # the job dies: it is reaped as failed
+                job.wait(timeout=10)
+                busy.first.wait_for(state="detached", timeout=30_000)
+                page.get_by_text("Recently finished").first.wait_for(timeout=10_000)
+                assert page.locator("[data-testid='stException']").count() == 0
+            finally:
+                page.close()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)
+        job.wait(timeout=10)
+        job.stdout.close()

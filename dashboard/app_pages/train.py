@@ -277,6 +277,13 @@ def render_jobs() -> None:
         start_queued(store.workspace)  # the queue goes on even if a job died before its turn
         active = store.list(status=["queued", "running"])
         active.reverse()  # oldest first: the order they start in
+        ids = {run.id for run in active}
+        before = st.session_state.get("train_active_ids")
+        st.session_state["train_active_ids"] = ids
+        if before is not None and before - ids:
+            # A job ended (done, failed, cancelled): the form outside this fragment counts
+            # runs in flight and enables Start, so the whole page reruns once to update it.
+            st.rerun(scope="app")
         queued = sum(run.status == "queued" for run in active)
         st.subheader(f"Running now ({len(active) - queued})"
                      + (f" · {queued} queued" if queued else ""))
