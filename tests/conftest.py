@@ -49,13 +49,18 @@ def _processes_under(base: str) -> list[tuple[int, str]]:
             with open(f"/proc/{entry.name}/cmdline", "rb") as fh:
                 cmd = fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
             with open(f"/proc/{entry.name}/stat") as fh:
-                if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    continue
+                state, ppid = fh.read().rsplit(")", 1)[1].split()[:2]
+            if state == "Z":
+                continue
+            ppid = int(ppid)
             cwd = os.readlink(f"/proc/{entry.name}/cwd")
         except OSError:
             continue
         home = next((v.split(b"=", 1)[1].decode(errors="replace") for v in env
                      if v.startswith(b"KDCORE_HOME=")), "")
+        # multiprocessing's resource tracker (started by a pool in this process) ends with it
+        if "multiprocessing" in cmd and ppid == os.getpid():
+            continue
         if home.startswith(base) or cwd.startswith(base):
             found.append((int(entry.name), cmd))
     return found

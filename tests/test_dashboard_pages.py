@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import json
 import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
@@ -15,8 +17,10 @@ from kdcore.analysis.analyzer import report, select
 from kdcore.data.bundles import load_bundle
 from kdcore.data.sources import load_predictions
 from kdcore.errors import DataError
+from kdcore.store import selection
 from kdcore.store.runs import RunStore
-from kdcore.value.compare import plan, run_all
+from kdcore.value.compare import plan, run_all, summarise
+from kdcore.value.predictions import load_test_predictions
 from kdcore_app import state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +84,9 @@ def test_overview_with_runs_shows_headline_numbers(with_runs):
     assert not at.exception
     labels = [m.label for m in at.metric]
     assert labels[0] == "Teacher accuracy"
-    assert any(label.startswith("Best student") for label in labels)
+    best = selection.best_student(RunStore(with_runs).list(status="done"))
+    assert (f"Best student: {best}" if best != "ce" else "Best: train on labels alone") in labels
+    assert "Distillation vs labels alone" in labels
     assert "Student size (parameters)" in labels
     assert at.info and at.info[0].value  # the verdict sentence
     assert not at.button  # no demo button once runs are finished
@@ -168,3 +174,153 @@ def test_router_renders_every_page(with_runs):
         at.switch_page(f"app_pages/{name}.py").run()
         assert not at.exception, name
 
+
+
+# ---------------------------------------------------------------- results: the decision
+
+DECISION_CARDS = ["Distil? (against labels alone)", "Best strategy", "Beats the teacher?"]
+
+
+def _crafted_run(store: RunStore, bundle, strategy: str, seed: int, fix: float,
+                 breaks: float) -> str:
+    """A finished run without training: the student repeats the teacher, except that it fixes
+    a share ``fix`` of the teacher's test mistakes and breaks a share ``breaks`` of its right
+    answers (drawn from the seed). Metrics are computed from the saved predictions."""
+    from kdcore.analysis.metrics import bias_inheritance, per_class_accuracy
+    from kdcore.learning.train import TrainConfig
+
+    labels = bundle.y("test")
+    teacher_logits = bundle.teacher_logits("test")
+    teacher = teacher_logits.argmax(1)
+    k = teacher_logits.shape[1]
+    rng = np.random.default_rng(1000 * seed + len(strategy))
+    pred = teacher.copy()
+    wrong = teacher != labels
+    pred = np.where(wrong & (rng.random(len(pred)) < fix), labels, pred)
+    broken = ~wrong & (rng.random(len(pred)) < breaks)
+    pred[broken] = (labels[broken] + 1) % k
+    logits = np.eye(k, dtype=np.float32)[pred] * 4.0
+    config = TrainConfig.for_bundle(bundle, strategy=strategy, seed=seed, epochs=2).to_dict()
+    run_id = store.create(config)
+    folder = store.artifact_dir(run_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(folder / "test_predictions.npz", logits=logits, labels=labels,
+                        teacher_logits=teacher_logits)
+    accuracy = float((pred == labels).mean())
+    store.start(run_id)
+    store.finish(run_id, {
+        "test_accuracy": accuracy, "best_test_accuracy": accuracy,
+        "bias_inheritance": bias_inheritance(pred, teacher, labels),
+        "teacher_test_accuracy": float((teacher == labels).mean()),
+        "per_class_accuracy": per_class_accuracy(pred, labels, bundle.class_names)})
+    return run_id
+
+
+@pytest.fixture(scope="module")
+def ce_wins_home(tmp_path_factory) -> Path:
+    """Crafted runs where training on labels alone (ce) clearly beats distillation (kd)."""
+    home = tmp_path_factory.mktemp("ws_ce_wins")
+    store, bundle = RunStore(home), load_bundle(None)
+    for seed in range(3):
+        _crafted_run(store, bundle, "ce", seed, fix=0.8, breaks=0.01)
+        _crafted_run(store, bundle, "kd", seed, fix=0.05, breaks=0.15)
+    store.close()
+    return home
+
+
+def _texts(at: AppTest) -> list[str]:
+    """Every text a reader sees: markdown, captions, callouts, metric labels, values, deltas."""
+    out = []
+    for kind in ("markdown", "caption", "info", "warning", "subheader"):
+        out += [str(e.value) for e in at.get(kind)]
+    for m in at.metric:
+        out += [m.label, str(m.value), m.proto.delta]
+    return out
+
+
+def test_results_page_answers_the_three_questions_first(with_runs):
+    at = page("results").run()
+    assert not at.exception and not at.error
+    store = RunStore(with_runs)
+    summary = summarise(store.list(status="done"), store)
+    assert at.info[0].value.startswith(f"**{summary['verdict'].split(':')[0]}:**")
+    labels = [m.label for m in at.metric]
+    assert labels[:3] == DECISION_CARDS  # the answers come before today's comparison
+    decision = summary["decision"]
+    assert at.metric[0].value == {True: "Yes", False: "No", None: "Cannot tell"}[
+        decision["distil"]]
+    assert at.metric[1].value == decision["best_strategy"]
+    assert "best of 2" in at.metric[0].proto.delta  # kd and kd+be+br+dl were tried
+    charts = " ".join(c.proto.id for c in at.get("plotly_chart"))
+    for key in ("results_significance_chart", "results_error_map_", "results_reliability_chart",
+                "results_inheritance_chart", "results_err_images"):
+        assert key in charts, key
+    assert not [t for t in _texts(at) if "None" in t or " nan" in t]
+    calibration = next(d.value for d in at.dataframe if "ece" in d.value.columns)
+    assert calibration["model"].tolist()[0] == "teacher"
+    assert calibration["ece"].iloc[0] == pytest.approx(100 * summary["calibration"]["teacher"]
+                                                       ["ece"])
+
+
+def test_results_page_per_class_comparisons_and_strategies_switch(with_runs):
+    at = page("results").run()
+    at.selectbox(key="results_sig_strategy").set_value("kd+be+br+dl").run()
+    assert at.radio(key="results_sig_against").options == [
+        "ce (labels alone)", "vanilla KD", "the teacher"]
+    for choice in ("kd", "teacher", "ce"):
+        at.radio(key="results_sig_against").set_value(choice).run()
+        assert not at.exception and not at.error, choice
+        table = next(d.value for d in at.dataframe if "significant" in d.value.columns)
+        assert len(table) == 10  # one row per class of the sample
+    at.selectbox(key="results_sig_strategy").set_value("kd").run()
+    assert not at.exception and not at.error
+    assert at.radio(key="results_sig_against").value in ("ce", "teacher")  # not kd against kd
+    at.selectbox(key="results_err_strategy").set_value("kd+be+br+dl").run()
+    at.selectbox(key="results_err_seed_kd+be+br+dl").set_value(1).run()
+    assert not at.exception and not at.error
+    at.multiselect(key="results_calibration_strategies").set_value(["ce", "kd"]).run()
+    assert not at.exception and not at.error
+
+
+def test_results_page_when_labels_alone_win(ce_wins_home, monkeypatch):
+    monkeypatch.setenv("KDCORE_HOME", str(ce_wins_home))
+    store = RunStore(ce_wins_home)
+    runs = store.list(status="done")
+    summary = summarise(runs, store)
+    assert summary["decision"]["distil"] is False  # the crafted data says so
+    at = page("results").run()
+    assert not at.exception and not at.error
+    assert at.info[0].value.startswith("**Do not distil:**")
+    assert [m.value for m in at.metric[:2]] == ["No", "ce"]
+    assert "Best: train on labels alone (ce)" in [m.label for m in at.metric]
+
+    # the error map shows the median seed of ce; its counts come from the saved predictions
+    ce_runs = sorted((r for r in runs if r.strategy == "ce"),
+                     key=lambda r: r.metrics["test_accuracy"])
+    median = ce_runs[1]
+    assert at.selectbox(key="results_err_seed_ce").value == median.seed
+    preds = load_test_predictions(store, median)
+    fixed = int(((preds.teacher_logits.argmax(1) != preds.labels)
+                 & (preds.logits.argmax(1) == preds.labels)).sum())
+    chart = next(c for c in at.get("plotly_chart") if "results_error_map_ce_" in c.proto.id)
+    cells = json.loads(chart.proto.spec)["data"][0]["text"]
+    assert f"fixed (student repairs)</b><br>{fixed} (" in cells[1][0]  # row: teacher wrong
+
+    # a click on the "fixed" cell lists those samples, with the true and predicted labels
+    key = f"results_error_map_ce_{median.seed}"
+    at.session_state[key] = {"selection": {"points": [{"customdata": [2]}]}}
+    at.run()
+    assert not at.exception and not at.error
+    assert at.selectbox(key="results_err_cell").value == "fixed"
+    samples = next(d.value for d in at.dataframe if "student" in d.value.columns)
+    assert len(samples) == fixed
+    assert (samples["true"] == samples["student"]).all()
+    assert (samples["true"] != samples["teacher"]).all()
+    pooled = next(d.value for d in at.dataframe if "cell" in d.value.columns)
+    assert pooled.set_index("cell")["samples"]["fixed (student repairs)"] == (
+        summary["strategies"]["ce"]["error_map"]["fixed"])
+
+    overview = page("overview").run()
+    assert not overview.exception and not overview.error
+    assert "Best: train on labels alone" in [m.label for m in overview.metric]
+    assert overview.info[0].value.startswith("**Do not distil:**")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from streamlit.testing.v1 import AppTest
 
 from kdcore.analysis.analyzer import report, select
@@ -122,3 +123,95 @@ def test_the_report_and_the_dashboard_draw_a_strategy_in_one_colour(trained, mon
     assert {c for c, _ in seen["kd+be+br+dl"]} == {figures.STUDENT}  # the best student
     assert {c for c, _ in seen["kd"]} == {figures.STRATEGY_COLOURS["kd"]}
     assert {c for c, _ in seen["teacher"]} == {figures.TEACHER}
+
+
+# --------------------------------------------------------------------------- the decision
+
+PER_CLASS = [
+    {"class": "<a href=x>cat", "delta_vs_ce": {"mean": 0.05, "ci95": [0.01, 0.09]},
+     "p_adjusted_vs_ce": 0.01, "delta_vs_kd": None, "p_adjusted_vs_kd": None},
+    {"class": "dog", "delta_vs_ce": {"mean": -0.03, "ci95": None}, "p_adjusted_vs_ce": None,
+     "delta_vs_kd": {"mean": 0.0, "ci95": None}, "p_adjusted_vs_kd": None},
+    {"class": "eel", "delta_vs_ce": None, "p_adjusted_vs_ce": None},
+    {"class": "fox", "delta_vs_ce": {"mean": -0.10, "ci95": [-0.2, -0.05]},
+     "p_adjusted_vs_ce": 0.0004},
+    {"class": "gnu", "delta_vs_ce": {"mean": 0.02, "ci95": [-0.01, 0.05]},
+     "p_adjusted_vs_ce": 0.3},
+]
+
+
+def test_per_class_significance_marks_the_significant_classes():
+    fig = figures.per_class_significance(PER_CLASS, "ce", strategy="kd+be")
+    traces = {t.name.split(" (")[0]: t for t in fig.data}
+    assert set(traces) == {"significantly better", "significantly worse",
+                           "no significant difference"}
+    better, worse = traces["significantly better"], traces["significantly worse"]
+    assert list(better.x) == ["&lt;a href=x&gt;cat"]  # escaped: shows as text, not a link
+    assert list(better.y) == pytest.approx([5.0]) and better.marker.color == figures.RIGHT
+    assert list(better.error_y.array) == pytest.approx([4.0])
+    assert list(better.error_y.arrayminus) == pytest.approx([4.0])
+    assert list(worse.x) == ["fox"] and worse.marker.color == figures.WRONG
+    unclear = traces["no significant difference"]
+    assert list(unclear.x) == ["dog", "gnu"]  # no interval, or an interval over 0
+    assert list(unclear.error_y.array) == pytest.approx([0.0, 3.0])  # dog: no interval
+    assert "None" not in fig.to_json()
+    assert "1 without a difference" in fig.layout.title.subtitle.text
+    hover = " ".join(unclear.hovertext)
+    assert "no interval" in hover and "BH-adjusted p —" in hover
+
+
+def test_per_class_significance_with_nothing_to_draw_and_a_bad_comparison():
+    fig = figures.per_class_significance(PER_CLASS, "teacher")  # no class has the key
+    assert [t for t in fig.data if t.type == "scatter"] == []
+    assert "5 without a difference" in fig.layout.title.subtitle.text
+    with pytest.raises(ValueError, match="against"):
+        figures.per_class_significance(PER_CLASS, "dkd")
+
+
+def test_error_map_counts_and_chart():
+    labels = np.array([0, 1, 2, 0, 1, 2, 0])
+    teacher = np.array([0, 1, 0, 1, 1, 2, 2])   # wrong on 2, 3, 6
+    student = np.array([0, 2, 2, 1, 1, 2, 1])   # wrong on 1, 3, 6
+    masks = {"both_wrong": (teacher != labels) & (student != labels),
+             "fixed": (teacher != labels) & (student == labels),
+             "newly_wrong": (teacher == labels) & (student != labels)}
+    counts = figures.error_map_counts(masks)
+    assert counts == {"both_right": 3, "both_wrong": 2, "fixed": 1, "newly_wrong": 1,
+                      "total": 7}
+    fig = figures.error_map_chart(counts, strategy="kd", seed=3)
+    heat, cells = fig.data
+    assert list(heat.y) == ["teacher right", "teacher wrong"]
+    assert list(heat.x) == ["student right", "student wrong"]
+    assert "both right</b><br>3 (42.9%)" in heat.text[0][0]
+    assert "newly wrong" in heat.text[0][1] and "fixed" in heat.text[1][0]
+    assert "both wrong</b><br>2 (28.6%)" in heat.text[1][1]
+    assert [list(c) for c in cells.customdata] == [[0], [1], [2], [3]]
+    assert "seed 3" in fig.layout.title.text and "7 test samples" in fig.layout.title.text
+    empty = figures.error_map_chart({"both_wrong": 0, "fixed": 0, "newly_wrong": 0})
+    assert len(empty.data[1].x) == 0  # nothing to click on an empty map
+    assert "0 test samples" in empty.layout.title.text
+
+
+def test_calibration_reliability_puts_the_teacher_and_students_on_one_chart():
+    curve = {"bin_lower": [0.0, 0.5], "bin_upper": [0.5, 1.0], "confidence": [None, 0.8],
+             "accuracy": [None, 0.7], "count": [0, 10]}
+    fig = figures.calibration_reliability({"teacher": curve, "kd": curve, "<b>x": curve},
+                                          highlight="kd")
+    names = [t.name for t in fig.data]
+    assert names == ["perfectly calibrated", "teacher", "kd", "&lt;b&gt;x"]
+    assert fig.data[1].line.color == figures.TEACHER and fig.data[2].line.color == figures.STUDENT
+    assert list(fig.data[1].x) == [0.8]  # the empty bin is skipped
+    assert fig.layout.xaxis.tickformat == ".0%"
+
+
+def test_inheritance_bars_show_the_ce_floor_and_the_excess():
+    summary = {"strategies": {
+        "ce": {"bias_inheritance": 0.27}, "kd": {"bias_inheritance": 0.37},
+        "kd+be": {"bias_inheritance": None}}}
+    fig = figures.bias_inheritance_bars(summary)
+    assert list(fig.data[0].x) == ["ce", "kd"]
+    assert list(fig.data[0].text) == ["27.0% (floor)", "37.0% (+10.0 pts over ce)"]
+    assert fig.layout.shapes[0].y0 == pytest.approx(0.27)
+    assert "27.0%, the floor" in fig.layout.title.subtitle.text
+    no_ce = figures.bias_inheritance_bars({"strategies": {"kd": {"bias_inheritance": 0.4}}})
+    assert list(no_ce.data[0].text) == ["40.0%"] and not no_ce.layout.shapes

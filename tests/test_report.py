@@ -217,3 +217,66 @@ def test_report_download_bytes_match_the_cli_report(trained, tmp_path):
     assert page.count('class="plotly-graph-div"') == 6 and "Return on investment" in page
     broken = report_download(RunStore(ws), run_ids=["nosuchrun"]).decode("utf-8")
     assert "could not be built" in broken and "nosuchrun" in broken
+
+
+# --------------------------------------------------------------------------- the decision
+
+EVIL = "<script>alert(1)</script>"
+
+
+def _summary() -> dict:
+    """A hand-made ``summarise`` document: ce wins, one class hurt (with a hostile name)."""
+    def entry(mean, **extra):
+        return {"mean": mean, "std": 0.01, "seeds": [0, 1, 2], "per_seed": [mean] * 3,
+                "best_epoch_mean": mean, "bias_inheritance": 0.3, "student_params": 100,
+                "run_ids": [], "delta_vs_kd": None, "delta_vs_ce": None,
+                "delta_vs_teacher": None, "excess_inheritance": None, "per_class": [],
+                "error_map": {"both_wrong": 5, "fixed": 7, "newly_wrong": 11}, **extra}
+    return {
+        "teacher_test_accuracy": 0.9,
+        "strategies": {
+            "ce": entry(0.92),
+            "kd": entry(0.9, delta_vs_ce={"mean": -0.02, "ci95": [-0.031, -0.009]},
+                        excess_inheritance=0.104)},
+        "decision": {"distil": False, "best_strategy": "ce", "best_distilled": "kd",
+                     "delta_vs_ce": {"mean": -0.02, "ci95": [-0.031, -0.009]},
+                     "beats_teacher": None, "ci_level": 0.95, "adjustment": "holm, best of 1",
+                     "delta_vs_teacher": {"mean": 0.02, "ci95": None}, "note": None},
+        "calibration": {"teacher": {"ece": 0.0412, "nll": 0.31, "brier": 0.15},
+                        "strategies": {"ce": {"ece": 0.1, "nll": 0.5, "brier": 0.2},
+                                       "kd": None}},
+        "classes": {"strategy": "kd", "against": "ce",
+                    "hurts": [{"class": EVIL, "delta": {"mean": -0.2, "ci95": [-0.3, -0.1]},
+                               "p_adjusted": 0.012, "against": "ce"}],
+                    "fixes": []},
+        "verdict": "Do not distil: ce beats kd.",
+    }
+
+
+def test_report_states_the_decision_classes_calibration_and_error_map(tmp_path):
+    data = build_report(RunStore(tmp_path / "ws"))
+    data.summary = _summary()
+    text = render_html(data)
+    for needed in ("The decision", "Does distillation beat training on labels alone (ce)?",
+                   "ce: train on labels alone", "Does it beat its teacher?", "cannot tell",
+                   "kd vs ce: -2.0 pts [-3.1, -0.9], 95.0% interval (holm, best of 1)",
+                   "+2.0 pts (no interval) vs the teacher",
+                   "Per class: kd against ce (labels alone)", "Classes distillation hurts",
+                   "-20.0 pts [-30.0, -10.0]", "0.012", "Classes it fixes:</b> none significant",
+                   "Calibration: can the confidence be trusted?", "4.1%", "0.310", "0.150",
+                   "Teacher against student: error map", "newly wrong (teacher right",
+                   "+10.4 pts"):
+        assert needed in text, needed
+    assert EVIL not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert ">None<" not in text and " nan" not in text
+    calibration = text[text.index("Calibration: can"):text.index("Teacher against student")]
+    assert calibration.count("—") == 3  # kd's scores are unknown: a dash each, never "None"
+
+
+def test_full_report_has_the_decision_sections(full_report):
+    text = full_report.read_text(encoding="utf-8")
+    for needed in ("The decision", "Does distillation beat training on labels alone (ce)?",
+                   "ce (training on labels alone) was not trained",  # the note: no ce here
+                   "Calibration: can the confidence be trusted?",
+                   "Teacher against student: error map"):
+        assert needed in text, needed

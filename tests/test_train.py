@@ -13,8 +13,8 @@ from kdcore.data.bundles import load_bundle
 from kdcore.errors import DataError
 from kdcore.learning.train import TrainConfig, train_student
 from kdcore.store.jobs import cancel_job, execute_run, start_job
-from kdcore.store.runs import RunStore
-from kdcore.value.compare import plan, run_all, summarise, verdict
+from kdcore.store.runs import Run, RunStore
+from kdcore.value.compare import plan, run_all, summarise
 
 STRATEGIES = ["ce", "kd", "dkd", "kd+be", "kd+br", "kd+be+br", "kd+be+br+dl", "dkd+be+br+dl",
               "btkd"]
@@ -141,22 +141,23 @@ def test_paired_difference_interval_matches_t_distribution():
                                          0.03 + 4.3027 * 0.01 / 3**0.5], abs=1e-4)
 
 
-def _summary(delta_ci):
-    return {
-        "teacher_test_accuracy": 0.9,
-        "strategies": {
-            "kd": {"mean": 0.9, "seeds": [0, 1], "bias_inheritance": 0.4, "delta_vs_kd": None},
-            "kd+be+br+dl": {"mean": 0.9 + sum(delta_ci) / 2, "seeds": [0, 1],
-                            "bias_inheritance": 0.3,
-                            "delta_vs_kd": {"mean": sum(delta_ci) / 2, "ci95": list(delta_ci)}},
-        },
-    }
+def _verdict(diffs):
+    """The verdict on kd and kd+be+br+dl runs whose per-seed differences are ``diffs``."""
+    kd = [0.90, 0.91, 0.92, 0.905]
+    runs = [Run(id=f"{name}{seed}", status="done", strategy=name, seed=seed, bundle=None,
+                config={}, error=None, created_at="", started_at=None, finished_at=None,
+                pid=None, host=None, step=0, total_steps=None, message="",
+                metrics={"test_accuracy": acc, "best_test_accuracy": acc,
+                         "bias_inheritance": 0.3, "teacher_test_accuracy": 0.9})
+            for name, accs in (("kd", kd), ("kd+be+br+dl", np.add(kd, diffs)))
+            for seed, acc in enumerate(accs)]
+    return summarise(runs)["verdict"]
 
 
 def test_verdict_says_when_bias_aware_distillation_does_not_pay():
-    assert "does not pay" in verdict(_summary((-0.03, -0.01)))
-    assert "No clear difference" in verdict(_summary((-0.01, 0.02)))
-    assert "beats vanilla KD" in verdict(_summary((0.01, 0.03)))
+    assert "does not pay" in _verdict([-0.03, -0.01, -0.02, -0.025])
+    assert "cannot be told apart from vanilla KD" in _verdict([-0.01, 0.02, 0.0, 0.01])
+    assert "beats vanilla KD" in _verdict([0.01, 0.03, 0.02, 0.015])
 
 
 def test_a_detached_job_can_be_cancelled(bundle, workspace):
@@ -196,9 +197,18 @@ def test_cli_compare_json_has_the_documented_keys(workspace):
     doc = json.loads(out.stdout)
     assert "teacher_test_accuracy" in doc
     entry = doc["strategies"]["kd+be+br"]
-    for key in ("mean", "std", "seeds", "per_seed", "bias_inheritance", "delta_vs_kd"):
+    for key in ("mean", "std", "seeds", "per_seed", "bias_inheritance", "delta_vs_kd",
+                "delta_vs_ce", "delta_vs_teacher", "excess_inheritance", "per_class",
+                "error_map"):
         assert key in entry
     assert set(entry["delta_vs_kd"]) == {"mean", "ci95"}
+    assert set(entry["delta_vs_teacher"]) == {"mean", "ci95"}
+    assert entry["delta_vs_ce"] is None and entry["excess_inheritance"] is None  # no ce here
+    assert set(entry["error_map"]) == {"both_wrong", "fixed", "newly_wrong"}
+    assert set(doc["calibration"]) == {"teacher", "strategies"}
+    assert set(doc["calibration"]["strategies"]["kd"]) == {"ece", "nll", "brier"}
+    assert doc["decision"]["distil"] is None and doc["decision"]["delta_vs_ce"] is None
+    assert doc["verdict"].startswith("Cannot tell:")
 
 
 def test_cli_bad_strategy_exits_2_with_one_line(workspace):

@@ -8,11 +8,12 @@ import pandas as pd
 import streamlit as st
 
 from kdcore.analysis.analyzer import report, select
+from kdcore.analysis.decision import CE
 from kdcore.data.bundles import sample_bundle_path
 from kdcore.errors import KDCoreError
 from kdcore.learning.strategies import DEFAULT_STRATEGIES
 from kdcore.store import selection
-from kdcore.store.jobs import start_queued
+from kdcore.store.jobs import default_max_jobs, start_queued
 from kdcore.store.runs import Run
 from kdcore.value import figures
 from kdcore.value.before_after import before_after, shown_students
@@ -21,6 +22,7 @@ from kdcore.value.report import report_download
 from kdcore_app import state
 
 DEMO_RUNS = len(DEFAULT_STRATEGIES) * selection.DEMO_SEEDS
+SEEN_DONE = "overview_done_seen"  # finished runs the page last drew: another one reruns it
 
 
 def sample_runs() -> list[Run]:
@@ -28,9 +30,14 @@ def sample_runs() -> list[Run]:
     return selection.on_bundle(state.store().list(), sample_bundle_path())
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
 @st.fragment(run_every=2)
 def demo_progress() -> None:
-    """Live count of the demo's runs; reruns the whole page when none is queued or running."""
+    """Live count of the sample's runs with an ETA; reruns the whole page when another run has
+    finished (the numbers fill in) and when none is queued or running."""
     try:
         start_queued(state.store().workspace)  # the queue goes on if a job died before its turn
     except (KDCoreError, OSError) as exc:
@@ -40,9 +47,12 @@ def demo_progress() -> None:
     done, failed = int(counts.get("done", 0)), int(counts.get("failed", 0))
     running, queued = int(counts.get("running", 0)), int(counts.get("queued", 0))
     total = max(DEMO_RUNS, len(runs))
+    eta = selection.eta_seconds(runs, default_max_jobs())
     st.progress(min((done + failed) / total, 1.0),
                 text=f"{done} of {total} runs done · {running} running · {queued} queued"
-                     + (f" · {failed} failed" if failed else ""))
+                     + (f" · {failed} failed" if failed else "")
+                     + (f" · about {_duration(eta)} left" if eta is not None
+                        else " · time left: after the first run" if running or queued else ""))
     for r in runs:
         if r.status == "running":
             st.caption(f"{r.strategy}, seed {r.seed}: {(r.fraction or 0):.0%} trained")
@@ -51,7 +61,7 @@ def demo_progress() -> None:
         st.error(f"Run {first.id} ({first.strategy}, seed {first.seed}) failed: {first.error}. "
                  "Fix: see the Train page, or run `kdcore demo` in a terminal.",
                  icon=":material/error:")
-    if not running and not queued:
+    if (not running and not queued) or done != st.session_state.get(SEEN_DONE, done):
         st.rerun(scope="app")
 
 
@@ -79,7 +89,13 @@ groups = selection.comparable_groups(all_runs)
 headline = selection.headline(groups)
 runs = groups[headline] if headline else []
 is_demo = bool(selection.demo_runs(runs))
-active = selection.pending(selection.on_bundle(all_runs, sample_bundle_path()))
+on_sample = selection.on_bundle(all_runs, sample_bundle_path())
+active = selection.pending(on_sample)
+st.session_state[SEEN_DONE] = sum(r.status == "done" for r in on_sample)
+# While the demo fills in, the numbers wait until every strategy has a first seed: a
+# comparison without ce or kd would name a "best" it cannot judge.
+missing = ([s for s in DEFAULT_STRATEGIES if s not in {r.strategy for r in runs}]
+           if is_demo and selection.demo_runs(active) else [])
 
 try:
     sample_name = next(iter(state.bundle_choices()))
@@ -88,21 +104,23 @@ except (KDCoreError, OSError) as exc:
     state.show_error(exc, "The bundled sample cannot be read: ")
     st.stop()
 
-if not runs:
+if not runs or missing:
     teacher_acc = report(select(table, "test")).accuracy if "test" in table.splits else None
     if teacher_acc is not None:
         st.metric("Teacher accuracy on held-out data", f"{teacher_acc:.1%}",
                   help="How often the teacher is right on the bundled sample's test split.")
     st.subheader("No finished comparison yet")
     if active:
-        st.write("The demo comparison is training in the background: 5 strategies × 5 seeds "
-                 "on the bundled sample (a minute or two). You can leave this page; the runs "
-                 "carry on.")
+        st.write(f"The demo comparison is training in the background: {len(DEFAULT_STRATEGIES)} "
+                 f"strategies × {selection.DEMO_SEEDS} seeds on the bundled sample, seed by "
+                 "seed. The numbers appear here as soon as every strategy has its first seed, "
+                 "and sharpen as more seeds finish. You can leave this page; the runs carry on.")
         demo_progress()
     else:
-        st.write(f"Run the demo: it trains {DEMO_RUNS} small students (5 strategies × 5 seeds) "
-                 "on the bundled sample in the background, usually in one to two minutes, and "
-                 "this page fills in as they finish.")
+        st.write(f"Run the demo: it trains {DEMO_RUNS} small students ({len(DEFAULT_STRATEGIES)} "
+                 f"strategies × {selection.DEMO_SEEDS} seeds) on the bundled sample in the "
+                 "background, usually in one to two minutes, and this page fills in as they "
+                 "finish: the first numbers once every strategy has its first seed.")
         if st.button("Run the demo", type="primary", key="overview_run_demo",
                      icon=":material/play_arrow:"):
             try:
@@ -115,8 +133,9 @@ if not runs:
                 st.rerun()
     st.stop()
 
-summary = summarise(runs)
+summary = summarise(runs, store)
 strategies = summary["strategies"]
+decision = summary.get("decision") or {}
 teacher = summary["teacher_test_accuracy"]
 best_name = selection.best_student(runs)
 best = strategies[best_name]
@@ -124,27 +143,41 @@ n_seeds = len(best["seeds"])
 if not is_demo:
     st.caption(f"Showing your own runs on the bundled sample ({len(runs)} runs); "
                "the demo comparison has not been run in this workspace.")
+if active:
+    seeds = sorted({len(e["seeds"]) for e in strategies.values()})
+    so_far = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]} to {seeds[-1]}"
+    st.caption(f"Filling in: over {so_far} seed{'s' if seeds[-1] != 1 else ''} so far; the "
+               "numbers and the decision update as each run finishes (the decision needs at "
+               "least 2 seeds).")
+    demo_progress()
 
 m1, m2, m3, m4 = st.columns(4)
 m1.metric("Teacher accuracy", f"{teacher:.1%}" if teacher is not None else "—",
           help="The teacher's accuracy on the held-out test split.")
-m2.metric(f"Best student: {best_name}", f"{best['mean']:.1%}",
+m2.metric("Best: train on labels alone" if best_name == CE else f"Best student: {best_name}",
+          f"{best['mean']:.1%}",
           delta=(f"{(best['mean'] - teacher) * 100:+.1f} pts vs teacher"
                  if teacher is not None else None),
-          help=f"Mean held-out accuracy over {n_seeds} seeds (± {best['std'] * 100:.1f} pts), "
-               "last epoch: the bias-aware strategy with the best mean (vanilla KD and ce are "
-               "its baselines), the student the ROI page and the report measure.")
-delta = best["delta_vs_kd"]
-if best_name == BASELINE:
-    m3.metric("Gain over vanilla KD", "0.0 pts", help="The best student is vanilla KD itself.")
-elif delta:
-    ci = delta["ci95"]
-    m3.metric("Gain over vanilla KD", f"{delta['mean'] * 100:+.1f} pts",
-              delta=f"95% interval {ci[0] * 100:+.1f} to {ci[1] * 100:+.1f}" if ci else None,
+          help=(f"Mean held-out accuracy over {n_seeds} seeds (± {best['std'] * 100:.1f} pts), "
+                if n_seeds > 1 else "Held-out accuracy of one seed so far (no spread yet), ")
+               + 
+               "last epoch: the decision's best strategy, ce (the student trained on the labels "
+               "alone, no teacher) included; the student the ROI page and the report measure.")
+vs_ce = decision.get("delta_vs_ce")
+if vs_ce:
+    ci, level = vs_ce.get("ci95"), decision.get("ci_level") or 0.95
+    m3.metric("Distillation vs labels alone", f"{vs_ce['mean'] * 100:+.1f} pts",
+              delta=(f"interval {ci[0] * 100:+.1f} to {ci[1] * 100:+.1f}, "
+                     f"{(decision.get('adjustment') or '').split(', ', 1)[-1]}"
+                     if ci else "no interval: cannot tell"),
               delta_color="off", delta_arrow="off",
-              help="Paired difference against plain KD with the same seeds.")
+              help=f"The best distilled student ({decision.get('best_distilled')}) against ce, "
+                   "paired over the same seeds, adjusted for picking the best after the fact "
+                   f"({decision.get('adjustment')}): the interval is {level:.1%} for this one "
+                   "comparison, 95% for the family of comparisons.")
 else:
-    m3.metric("Gain over vanilla KD", "—", help="Train `kd` with the same seeds to compare.")
+    m3.metric("Distillation vs labels alone", "—",
+              help=decision.get("note") or "Train `ce` with the same seeds to compare.")
 s_params = best.get("student_params")
 t_params = runs[0].metrics.get("teacher_params")
 if s_params and t_params:
@@ -155,7 +188,9 @@ if s_params and t_params:
 else:
     m4.metric("Student size (parameters)", "—")
 
-st.info(summary["verdict"], icon=":material/lightbulb:")
+head, sep, rest = summary["verdict"].partition(":")
+st.info(f"**{head}:** {rest.strip()}" if sep and len(head) < 20 else summary["verdict"],
+        icon=":material/lightbulb:")
 
 # ---------------------------------------------------------------- before / after per class
 try:
@@ -173,13 +208,29 @@ st.caption("Where the teacher is biased (low grey bars) the students are trained
            "bias page.")
 
 with st.expander("All strategies"):
-    rows = [{"strategy": n, "accuracy (mean)": e["mean"], "± std": e["std"],
-             "vs KD (pts)": e["delta_vs_kd"]["mean"] * 100 if e["delta_vs_kd"] else None,
-             "copies teacher errors": e["bias_inheritance"], "seeds": len(e["seeds"])}
+    rows = [{"strategy": n, "accuracy (mean)": e["mean"] * 100,
+             "± std (pts)": e["std"] * 100 if len(e["seeds"]) > 1 else None,
+             "vs ce (pts)": (e["delta_vs_ce"]["mean"] * 100
+                             if e.get("delta_vs_ce") and n != CE else None),
+             "vs KD (pts)": (e["delta_vs_kd"]["mean"] * 100
+                             if e["delta_vs_kd"] and n != BASELINE else None),
+             "copies teacher errors": (e["bias_inheritance"] * 100
+                                       if e["bias_inheritance"] is not None else None),
+             "excess over ce (pts)": (e["excess_inheritance"] * 100
+                                      if e.get("excess_inheritance") is not None and n != CE
+                                      else None),
+             "seeds": len(e["seeds"])}
             for n, e in strategies.items()]
-    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", column_config={
-        "accuracy (mean)": st.column_config.NumberColumn(format="percent"),
-        "± std": st.column_config.NumberColumn(format="percent"),
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", placeholder="—",
+                 column_config={
+        "accuracy (mean)": st.column_config.NumberColumn(format="%.1f%%"),
+        "± std (pts)": st.column_config.NumberColumn(
+            format="%.1f", help="Standard deviation over seeds; — with one seed (no spread)."),
+        "vs ce (pts)": st.column_config.NumberColumn(
+            format="%+.1f", help="Paired difference to ce (labels alone) on the same seeds."),
         "vs KD (pts)": st.column_config.NumberColumn(format="%+.1f"),
-        "copies teacher errors": st.column_config.NumberColumn(format="percent"),
+        "copies teacher errors": st.column_config.NumberColumn(format="%.1f%%"),
+        "excess over ce (pts)": st.column_config.NumberColumn(
+            format="%+.1f", help="Teacher errors copied minus ce's share: ce never sees the "
+                                 "teacher, so its share is the floor."),
     })

@@ -5,11 +5,12 @@ pages, the CLI (``kdcore roi``, ``kdcore report``) and the report.
   apart from the strategy and the seed, one comparison each;
 - the comparison shown first (:func:`headline`): on a bundle, the one holding the demo's runs,
   else the largest;
-- the best student (:func:`best_student`): in one comparison, the bias-aware strategy with the
-  highest mean test accuracy over its seeds (more seeds break a tie); with no bias-aware
-  strategy, the best of the others. Vanilla KD and ce are the baselines a bias-aware student is
-  measured against, so they are "the student" only when nothing else was trained. Its run to
-  measure is the seed closest to that mean (:func:`closest_to_mean`);
+- the best student (:func:`best_student`): in one comparison, the decision's best strategy
+  (:func:`kdcore.analysis.decision.decide`, ce included): ce when training on labels alone
+  beats the best distiller, that distiller when it beats ce (Holm-adjusted for picking the
+  best of N), else the highest mean test accuracy over seeds (more seeds break a tie). So when
+  ce wins, the Overview, ROI and the report show and price the ce student. Its run to measure
+  is the seed closest to that mean (:func:`closest_to_mean`);
 - pending runs (:func:`pending`): queued or running;
 - the demo's runs (:func:`demo_runs`): what ``kdcore demo`` trains.
 """
@@ -22,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from kdcore.analysis.decision import decide
 from kdcore.data.bundles import load_bundle, sample_bundle_path
 from kdcore.errors import KDCoreError
 from kdcore.learning.strategies import (
     DEFAULT_STRATEGIES,
-    is_bias_aware,
     parse_strategy,
     strategy_order,
 )
@@ -45,6 +46,27 @@ _SHOWN = {"epochs": "{} epochs", "temperature": "T={:g}", "lam": "λ={:g}", "lr"
 def pending(runs: Sequence[Run]) -> list[Run]:
     """The runs still to finish: queued or running."""
     return [r for r in runs if r.status in PENDING]
+
+
+def eta_seconds(runs: Sequence[Run], parallel: int) -> float | None:
+    """Seconds until the queued and running runs among ``runs`` are done, so a presenter knows
+    how long to wait: a run takes the finished runs' mean duration (before any has finished,
+    the running ones' pace: elapsed over the share trained), a running one has its untrained
+    share left, and the work is spread over ``parallel`` jobs (no more than runs left). None
+    when nothing is pending or there is no duration to go by yet."""
+    left = pending(runs)
+    if not left:
+        return None
+    took = [r.duration_s for r in runs if r.status == "done" and r.duration_s]
+    if not took:
+        took = [r.duration_s / r.fraction for r in left if r.status == "running"
+                and r.duration_s and (r.fraction or 0.0) >= 0.05]
+    if not took:
+        return None
+    per_run = float(np.mean(took))
+    work = sum(per_run * (1.0 - (r.fraction or 0.0)) if r.status == "running" else per_run
+               for r in left)
+    return work / max(1, min(parallel, len(left)))
 
 
 def on_bundle(runs: Sequence[Run], path: str | Path) -> list[Run]:
@@ -66,7 +88,7 @@ def demo_configs() -> list[TrainConfig]:
     DEMO_SEEDS seeds on the bundled sample with its default settings."""
     sample = load_bundle(None)
     return [TrainConfig.for_bundle(sample, strategy=s, seed=seed)
-            for s in DEFAULT_STRATEGIES for seed in range(DEMO_SEEDS)]
+            for seed in range(DEMO_SEEDS) for s in DEFAULT_STRATEGIES]
 
 
 def demo_runs(runs: Sequence[Run]) -> list[Run]:
@@ -184,14 +206,13 @@ def mean_accuracy(runs: Sequence[Run]) -> float:
 
 
 def best_student(group: Sequence[Run]) -> str | None:
-    """The strategy that is "the student" of a comparison (see the module's docstring);
-    None for an empty one."""
+    """The strategy that is "the student" of a comparison: ``decision.best_strategy`` (see the
+    module's docstring), the same answer as ``compare``'s verdict; None for an empty one."""
     strategies = by_strategy(group)
-    aware = [n for n in strategies if is_bias_aware(n)]
-    names = aware or list(strategies)
-    if not names:
-        return None
-    return max(names, key=lambda n: (mean_accuracy(strategies[n]), len(strategies[n])))
+    accuracies = {name: {r.seed: float(r.metrics["test_accuracy"]) for r in runs}
+                  for name, runs in strategies.items()}
+    teacher = next((r.metrics.get("teacher_test_accuracy") for r in group), None)
+    return decide(accuracies, teacher)["best_strategy"]
 
 
 def closest_to_mean(runs: Sequence[Run]) -> Run:

@@ -17,6 +17,7 @@ from kdcore.errors import DataError
 from kdcore.store.runs import Run, RunStore
 from kdcore.store.selection import best_student
 from kdcore.value.compare import BASELINE
+from kdcore.value.predictions import load_test_predictions
 
 
 def teacher_per_class(store: RunStore, runs: Sequence[Run]) -> dict[str, float | None]:
@@ -27,16 +28,13 @@ def teacher_per_class(store: RunStore, runs: Sequence[Run]) -> dict[str, float |
     """
     problem = "no runs given"
     for run in runs:
-        path = store.artifact_dir(run.id) / "test_predictions.npz"
         try:
-            with np.load(path, allow_pickle=False) as preds:
-                labels, teacher = preds["labels"], preds["teacher_logits"]
-        except (OSError, KeyError, ValueError) as exc:
-            problem = f"run {run.id}: {exc}"
+            preds = load_test_predictions(store, run)
+        except DataError as exc:
+            problem = str(exc)
             continue
-        names = list(run.metrics.get("per_class_accuracy") or range(teacher.shape[1]))
-        return per_class_accuracy(teacher.argmax(1), labels, [str(n) for n in names])
-    raise DataError(f"cannot read the runs' saved test predictions ({problem}); train them again")
+        return per_class_accuracy(preds.teacher_logits.argmax(1), preds.labels, preds.class_names)
+    raise DataError(f"cannot read the runs' saved test predictions ({problem})")
 
 
 def shown_students(group: Sequence[Run]) -> list[str]:

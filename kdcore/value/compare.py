@@ -18,7 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from kdcore.analysis.metrics import paired_difference
+from kdcore.analysis.bias import softmax
+from kdcore.analysis.calibration import calibration, reliability
+from kdcore.analysis.decision import CE, best_of, decide, hurts_and_fixes, per_class_deltas
+from kdcore.analysis.metrics import error_map, paired_difference, per_class_accuracy
 from kdcore.data.bundles import Bundle
 from kdcore.errors import KDCoreError
 from kdcore.learning.distributed import exit_with_parent
@@ -28,6 +31,7 @@ from kdcore.store import overrides as label_overrides
 from kdcore.store.jobs import execute_run, queue_runs
 from kdcore.store.runs import Run, RunStore
 from kdcore.store.selection import demo_configs
+from kdcore.value.predictions import load_test_predictions
 
 BASELINE = "kd"
 POLL_S = 0.5  # how often run_all looks at the runs another command trains for it
@@ -99,39 +103,180 @@ def run_all(store: RunStore, configs: Sequence[TrainConfig], *, workers: int = 2
     return [runs[i] for i in range(len(configs))]
 
 
-def summarise(runs: Sequence[Run]) -> dict:
-    """The comparison document (the JSON of ``kdcore compare``) from finished runs."""
+def summarise(runs: Sequence[Run], store: RunStore | None = None) -> dict:
+    """The comparison document (the JSON of ``kdcore compare``) from finished runs.
+
+    From the runs' metrics: per strategy the accuracy over seeds, ``delta_vs_kd``,
+    ``delta_vs_ce`` and ``delta_vs_teacher`` (paired 95% intervals), ``excess_inheritance``
+    (its share of the teacher's errors minus ce's, the share a student copies without seeing
+    the teacher), ``per_class`` (BH-corrected across classes); top level the ``decision``
+    (:func:`kdcore.analysis.decision.decide`) and the ``classes`` distillation hurts and fixes.
+    From the saved test predictions (``store`` given): ``error_map`` per strategy,
+    ``calibration`` and ``reliability``, and per class the comparison with the teacher; these
+    are None without a store or when a run's predictions cannot be read (``notes`` says so).
+    """
     by_strategy: dict[str, dict[int, Run]] = {}
     for run in runs:
         by_strategy.setdefault(run.strategy, {})[run.seed] = run
     teacher = next(iter(runs)).metrics["teacher_test_accuracy"] if runs else None
     out: dict = {"teacher_test_accuracy": teacher, "strategies": {}}
-    baseline = by_strategy.get(BASELINE)
+    accuracy = {name: {s: float(r.metrics["test_accuracy"]) for s, r in seeded.items()}
+                for name, seeded in by_strategy.items()}
+    decision = decide(accuracy, teacher)
+    decision["bias_aware_vs_kd"] = best_of(
+        accuracy, [n for n in by_strategy if is_bias_aware(n)], BASELINE)
+    notes = [decision["note"]] if decision["note"] else []
+    read = _read_artifacts(store, by_strategy, notes)
+    classes = {name: {s: r.metrics.get("per_class_accuracy") or {} for s, r in seeded.items()}
+               for name, seeded in by_strategy.items()}
+    inherit_ce = (_nanmean([r.metrics["bias_inheritance"] for r in by_strategy[CE].values()])
+                  if CE in by_strategy else None)
     for name, seeded in by_strategy.items():
         seeds = sorted(seeded)
         acc = np.array([seeded[s].metrics["test_accuracy"] for s in seeds])
         best = np.array([seeded[s].metrics["best_test_accuracy"] for s in seeds])
-        inherit = [seeded[s].metrics["bias_inheritance"] for s in seeds]
+        inherit = _nanmean([seeded[s].metrics["bias_inheritance"] for s in seeds])
         entry = {
             "mean": float(acc.mean()),
             "std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
             "seeds": seeds,
             "per_seed": [float(a) for a in acc],
             "best_epoch_mean": float(best.mean()),
-            "bias_inheritance": _nanmean(inherit),
+            "bias_inheritance": inherit,
             "student_params": seeded[seeds[0]].metrics.get("student_params"),
             "run_ids": [seeded[s].id for s in seeds],
-            "delta_vs_kd": None,
+            "delta_vs_kd": _paired(accuracy, name, BASELINE),
+            "delta_vs_ce": _paired(accuracy, name, CE),
+            "delta_vs_teacher": (paired_difference(acc, np.full(len(acc), float(teacher)))
+                                 if teacher is not None else None),
+            "excess_inheritance": (inherit - inherit_ce if inherit is not None
+                                   and inherit_ce is not None else None),
+            "per_class": _per_class(classes, name, read["teacher_classes"]),
+            "error_map": read["error_map"].get(name),
+            "error_map_per_seed": read["error_map_per_seed"].get(name),
         }
-        if baseline is not None:
-            common = [s for s in seeds if s in baseline]
-            if common:
-                entry["delta_vs_kd"] = paired_difference(
-                    [seeded[s].metrics["test_accuracy"] for s in common],
-                    [baseline[s].metrics["test_accuracy"] for s in common])
         out["strategies"][name] = entry
+    out["decision"] = decision
+    out["calibration"] = ({"teacher": read["teacher_calibration"],
+                           "strategies": read["calibration"]}
+                          if read["teacher_calibration"] else None)
+    out["reliability"] = read["reliability"]
+    out["classes"] = _classes(classes, decision, by_strategy)
+    out["notes"] = notes
     out["verdict"] = verdict(out)
     return out
+
+
+def _paired(accuracy: dict[str, dict[int, float]], name: str, against: str) -> dict | None:
+    """``name`` minus ``against`` over their common seeds, 95% interval; None without any."""
+    if against not in accuracy:
+        return None
+    mine, base = accuracy[name], accuracy[against]
+    common = [s for s in sorted(mine) if s in base]
+    if not common:
+        return None
+    return paired_difference([mine[s] for s in common], [base[s] for s in common])
+
+
+def _per_class(classes: dict[str, dict[int, dict]], name: str,
+               teacher: dict[str, float | None] | None) -> list[dict]:
+    """One row per class: ``name`` against kd, ce and the teacher, each BH-corrected across
+    classes (:func:`kdcore.analysis.decision.per_class_deltas`)."""
+    mine = classes[name]
+    against = {"kd": per_class_deltas(mine, classes[BASELINE]) if BASELINE in classes else {},
+               "ce": per_class_deltas(mine, classes[CE]) if CE in classes else {},
+               "teacher": per_class_deltas(mine, teacher) if teacher else {}}
+    names: list[str] = []
+    for row in mine.values():
+        names += [c for c in row if c not in names]
+    rows = []
+    for cls in names:
+        row: dict = {"class": cls}
+        for key, deltas in against.items():
+            found = deltas.get(cls) or {}
+            row[f"delta_vs_{key}"] = found.get("delta")
+            row[f"p_adjusted_vs_{key}"] = found.get("p_adjusted")
+        rows.append(row)
+    return rows
+
+
+def _classes(classes: dict[str, dict[int, dict]], decision: dict,
+             by_strategy: dict[str, dict[int, Run]]) -> dict:
+    """The classes distillation hurts and fixes: the best distiller against ce (or, without
+    ce, the best strategy against kd), BH-corrected, worst and best first, 10 at most."""
+    if CE in by_strategy:
+        subject, against = decision["best_distilled"], CE
+    else:
+        subject, against = decision["best_strategy"], BASELINE
+    if subject is None or against not in by_strategy or subject == against:
+        return {"strategy": subject, "against": None, "hurts": [], "fixes": []}
+    found = hurts_and_fixes(per_class_deltas(classes[subject], classes[against]), against)
+    return {"strategy": subject, "against": against, **found}
+
+
+def _read_artifacts(store: RunStore | None, by_strategy: dict[str, dict[int, Run]],
+                    notes: list[str]) -> dict:
+    """What needs the saved test predictions: calibration (mean over seeds), reliability and
+    error-map counts (pooled over seeds), the teacher's calibration and per-class accuracy. A
+    strategy with an unreadable seed gets None rather than numbers from fewer seeds."""
+    out: dict = {"teacher_calibration": None, "teacher_classes": None, "calibration": {},
+                 "reliability": None, "error_map": {}, "error_map_per_seed": {}}
+    if store is None:
+        notes.append("without the run store, calibration, the error map and the per-class "
+                     "comparison with the teacher are left out")
+        return out
+    problems: list[str] = []
+    teacher_probs = labels = None
+    pooled: dict[str, dict] = {}
+    for name, seeded in by_strategy.items():
+        scores, counts, diagrams = [], {}, []
+        for seed in sorted(seeded):
+            try:
+                preds = load_test_predictions(store, seeded[seed])
+            except KDCoreError as exc:
+                problems.append(str(exc))
+                break
+            if teacher_probs is None:
+                teacher_probs, labels = softmax(preds.teacher_logits), preds.labels
+                out["teacher_classes"] = per_class_accuracy(
+                    teacher_probs.argmax(1), labels, preds.class_names)
+            p = softmax(preds.logits)
+            scores.append(calibration(p, preds.labels))
+            masks = error_map(p.argmax(1), preds.teacher_logits.argmax(1), preds.labels)
+            counts[str(seed)] = {k: int(m.sum()) for k, m in masks.items()}
+            diagrams.append(reliability(p, preds.labels))
+        else:
+            out["calibration"][name] = {k: float(np.mean([s[k] for s in scores]))
+                                        for k in ("ece", "nll", "brier")}
+            out["error_map"][name] = {k: sum(c[k] for c in counts.values())
+                                      for k in ("both_wrong", "fixed", "newly_wrong")}
+            out["error_map_per_seed"][name] = counts
+            pooled[name] = _pool(diagrams)
+    if teacher_probs is not None:
+        out["teacher_calibration"] = calibration(teacher_probs, labels)
+        out["reliability"] = {"teacher": reliability(teacher_probs, labels),
+                              "strategies": pooled}
+    for name in by_strategy:
+        out["calibration"].setdefault(name, None)
+    if problems:
+        notes.append(f"the saved test predictions of {len(problems)} run(s) cannot be read, so "
+                     f"their strategy has no calibration or error map (first: {problems[0]})")
+    return out
+
+
+def _pool(diagrams: list[dict]) -> dict:
+    """Reliability tables of several seeds as one (counts summed, confidence and accuracy
+    weighted by count), without holding every seed's probabilities at once."""
+    count = np.sum([d["count"] for d in diagrams], axis=0)
+
+    def weighted(key: str) -> list[float | None]:
+        total = np.sum([[(v or 0.0) * k for v, k in zip(d[key], d["count"], strict=True)]
+                        for d in diagrams], axis=0)
+        return [float(t / k) if k else None for t, k in zip(total, count, strict=True)]
+
+    return {"bin_lower": diagrams[0]["bin_lower"], "bin_upper": diagrams[0]["bin_upper"],
+            "confidence": weighted("confidence"), "accuracy": weighted("accuracy"),
+            "count": [int(k) for k in count]}
 
 
 def _nanmean(values: Sequence[float | None]) -> float | None:
@@ -143,39 +288,147 @@ def _pts(x: float) -> str:
     return f"{x * 100:+.1f}"
 
 
-def verdict(summary: dict) -> str:
-    """One sentence, computed from the numbers: does bias-aware distillation pay here?"""
-    strategies = summary["strategies"]
-    aware = {n: e for n, e in strategies.items()
-             if is_bias_aware(n) and e["delta_vs_kd"]}
-    if BASELINE not in strategies or not aware:
-        return "Add kd and at least one bias-aware strategy (e.g. kd+be+br+dl) to get a verdict."
-    name, best = max(aware.items(), key=lambda item: item[1]["mean"])
-    delta, n = best["delta_vs_kd"], len(best["seeds"])
+def _share(x: float) -> str:
+    return f"{x:.0%}"
+
+
+def _interval(delta: dict, n_seeds: int, best_of_n: int | None = None) -> str:
+    """" (95% interval ... over n seeds[, Holm-adjusted for the best of N])", or "" without an
+    interval."""
     ci = delta["ci95"]
-    interval = f" (95% interval {_pts(ci[0])} to {_pts(ci[1])} points over {n} seeds)" if ci else ""
     if ci is None:
-        head = (f"{name} is {_pts(delta['mean'])} points against vanilla KD on one seed, too "
-                "few to tell; run more seeds")
-    elif ci[0] > 0:
-        head = f"{name} beats vanilla KD by {_pts(delta['mean'])} points{interval}"
-    elif ci[1] < 0:
-        head = (f"Bias-aware distillation does not pay here: its best, {name}, loses to "
-                f"vanilla KD by {_pts(delta['mean'])} points{interval}")
-    else:
-        head = (f"No clear difference: the best bias-aware strategy, {name}, is "
-                f"{_pts(delta['mean'])} points against vanilla KD{interval}, an interval that "
-                "includes 0")
-    kd_inherit, inherit = strategies[BASELINE]["bias_inheritance"], best["bias_inheritance"]
-    tail = ""
-    if kd_inherit is not None and inherit is not None:
-        tail = (f"; it copies {inherit:.0%} of the teacher's test errors against KD's "
-                f"{kd_inherit:.0%}")
-    teacher = summary.get("teacher_test_accuracy")
-    if teacher is not None:
-        side = "above" if best["mean"] > teacher else "below"
-        tail += f", and ends {abs(best['mean'] - teacher) * 100:.1f} points {side} the teacher"
-    return head + tail + "."
+        return ""
+    holm = f", Holm-adjusted for the best of {best_of_n}" if best_of_n else ""
+    seeds = f"{n_seeds} seed" + ("s" if n_seeds != 1 else "")
+    return f" (95% interval {_pts(ci[0])} to {_pts(ci[1])} points over {seeds}{holm})"
+
+
+def _no_interval(n_seeds: int) -> str:
+    return ("on one seed, too few to tell; run more seeds" if n_seeds < 2 else
+            "by the same amount on every seed (zero variance), so there is no interval; run more "
+            "seeds")
+
+
+def _first_sentence(decision: dict) -> str:
+    """Question 1: does any distillation beat training on labels alone (ce)?"""
+    if decision["delta_vs_ce"] is None:
+        return f"Cannot tell: {decision['note']}."
+    name, delta, n = decision["best_distilled"], decision["delta_vs_ce"], decision["n_seeds"]
+    where = _interval(delta, n, decision["n_variants"])
+    if decision["distil"] is True:
+        return (f"Distil: the best distiller, {name}, beats training on labels alone (ce) by "
+                f"{_pts(delta['mean'])} points{where}.")
+    if decision["distil"] is False:
+        return (f"Do not distil: training on labels alone (ce) beats even the best distiller, "
+                f"{name}, which is {_pts(delta['mean'])} points against it{where}.")
+    if delta["ci95"] is None:
+        return (f"Cannot tell: the best distiller, {name}, differs from training on labels "
+                f"alone (ce) by {_pts(delta['mean'])} points {_no_interval(n)}.")
+    ci = delta["ci95"]
+    why = ("an interval that includes 0" if ci[0] <= 0 <= ci[1] else
+           f"not significant after Holm's correction (adjusted p = {decision['p_adjusted']:.2f})")
+    return (f"Cannot tell: the best distiller, {name}, is {_pts(delta['mean'])} points against "
+            f"training on labels alone (ce){where}, {why}.")
+
+
+def _against_kd(found: dict | None) -> str:
+    """Question 2's second half: the best bias-aware variant against vanilla KD, Holm-adjusted
+    over the bias-aware variants tried."""
+    if not found or found["delta"] is None:
+        return ""
+    name, delta, n = found["best"], found["delta"], found["n_seeds"]
+    where = _interval(delta, n, found["n_variants"])
+    if delta["ci95"] is None:
+        return (f" Of the bias-aware variants, {name} differs from vanilla KD by "
+                f"{_pts(delta['mean'])} points {_no_interval(n)}.")
+    if found["wins"] is True:
+        return (f" Of the bias-aware variants, {name} beats vanilla KD by "
+                f"{_pts(delta['mean'])} points{where}.")
+    if found["wins"] is False:
+        return (f" Bias-aware distillation does not pay against vanilla KD: its best, {name}, "
+                f"is {_pts(delta['mean'])} points against it{where}.")
+    return (f" Of the bias-aware variants, {name} cannot be told apart from vanilla KD: "
+            f"{_pts(delta['mean'])} points{where}.")
+
+
+def _teacher_sentence(best: str, decision: dict, n_seeds: int) -> str:
+    """Question 3: does the best student beat its teacher?"""
+    delta = decision["delta_vs_teacher"]
+    if delta is None:
+        return ""
+    where = _interval(delta, n_seeds)
+    if delta["ci95"] is None:
+        return (f" Against its teacher, {best} is {_pts(delta['mean'])} points "
+                f"{_no_interval(n_seeds)}.")
+    if decision["beats_teacher"] is True:
+        return f" {best} beats its teacher by {_pts(delta['mean'])} points{where}."
+    if decision["beats_teacher"] is False:
+        return f" {best} stays below its teacher: {_pts(delta['mean'])} points{where}."
+    return (f" {best} cannot be told apart from its teacher: {_pts(delta['mean'])} "
+            f"points{where}.")
+
+
+def _inheritance_sentence(best: str, strategies: dict, decision: dict) -> str:
+    """The share of the teacher's test errors copied, beside ce's floor (what a student
+    shares with the teacher without seeing it, because those samples are hard)."""
+    ce = strategies.get(CE, {}).get("bias_inheritance")
+    kd = strategies.get(BASELINE, {}).get("bias_inheritance")
+    if best == CE:
+        best = decision.get("best_distilled") or best
+    share = strategies[best]["bias_inheritance"]
+    if share is None:
+        return ""
+    if ce is None:
+        return (f" {best} copies {_share(share)} of the teacher's test errors; without ce "
+                "there is no floor, so its excess inheritance is unknown.")
+    if best == CE:
+        return (f" ce, which never sees the teacher, repeats {_share(ce)} of the teacher's test "
+                "errors: the floor of inheritance here.")
+    text = (f" {best} copies {_share(share)} of the teacher's test errors against ce's floor of "
+            f"{_share(ce)} (ce never sees the teacher): an excess inheritance of "
+            f"{_share(share - ce)}")
+    if kd is not None and best != BASELINE:
+        text += f", against vanilla KD's {_share(kd - ce)}"
+    return text + "."
+
+
+def _classes_sentence(classes: dict | None) -> str:
+    """The classes that got significantly worse or better (BH across classes)."""
+    if not classes or not classes.get("against") or not (classes["hurts"] or classes["fixes"]):
+        return ""
+
+    def named(items: list[dict]) -> str:
+        shown = ", ".join(f"{i['class']}: {_pts(i['delta']['mean'])}" for i in items[:3])
+        return f"{shown}{', ...' if len(items) > 3 else ''} points"
+
+    def count(n: int) -> str:
+        return f"{n} class" + ("es" if n != 1 else "")
+
+    parts = [f"{word} on {count(len(items))} ({named(items)})"
+             for word, items in (("worse", classes["hurts"]), ("better", classes["fixes"]))
+             if items]
+    return (f" Per class, against {classes['against']} (Benjamini-Hochberg across classes), "
+            f"{classes['strategy']} is significantly {' and '.join(parts)}.")
+
+
+def verdict(summary: dict) -> str:
+    """Sentences computed from the numbers, in the order a user asks: distil at all (the
+    first sentence opens with ``Distil:``, ``Do not distil:`` or ``Cannot tell:``), which
+    strategy (and the best bias-aware one against vanilla KD), the teacher, inheritance above
+    ce's floor, and the classes that got significantly worse or better."""
+    strategies, decision = summary["strategies"], summary["decision"]
+    best = decision["best_strategy"]
+    if best is None:
+        return "Cannot tell: no finished run to compare."
+    text = _first_sentence(decision)
+    how = {True: "", False: " (training on labels alone)"}.get(
+        decision["distil"], " by mean accuracy only, not by a significant margin")
+    text += f" The best strategy here is {best}{how}."
+    text += _against_kd(decision.get("bias_aware_vs_kd"))
+    text += _teacher_sentence(best, decision, len(strategies[best]["seeds"]))
+    text += _inheritance_sentence(best, strategies, decision)
+    text += _classes_sentence(summary.get("classes"))
+    return text
 
 
 def compare(bundle: Bundle, store: RunStore, strategies: Sequence[str], seeds: Sequence[int], *,
@@ -183,7 +436,7 @@ def compare(bundle: Bundle, store: RunStore, strategies: Sequence[str], seeds: S
             **overrides) -> dict:
     """Plan, run what is missing, and summarise."""
     configs = plan(bundle, strategies, seeds, **overrides)
-    return summarise(run_all(store, configs, workers=workers, on_done=on_done))
+    return summarise(run_all(store, configs, workers=workers, on_done=on_done), store)
 
 
 def start_demo(workspace: str | Path | None = None, *, max_jobs: int | None = None) -> list[str]:

@@ -442,20 +442,226 @@ def per_class_change(df: pd.DataFrame, highlight: str | None = None) -> go.Figur
 
 def bias_inheritance_bars(summary: dict) -> go.Figure:
     """Per strategy, the share of the teacher's test mistakes that the student repeats
-    (same wrong class), mean over seeds. Lower is better."""
+    (same wrong class), mean over seeds. Lower is better.
+
+    ``ce`` never sees the teacher, so its share is the floor: how often a student makes those
+    mistakes on its own (the samples are hard). With ``ce`` trained, a dashed line marks that
+    floor and each bar's label says its excess over it, what the teacher passed on.
+    """
     rows = [(n, e) for n, e in _strategies(summary) if e.get("bias_inheritance") is not None]
     names = [n for n, _ in rows]
     values = [float(e["bias_inheritance"]) for _, e in rows]
+    floor = next((v for n, v in zip(names, values, strict=True) if n == "ce"), None)
+    labels = []
+    for name, value in zip(names, values, strict=True):
+        if floor is None:
+            labels.append(f"{100 * value:.1f}%")
+        elif name == "ce":
+            labels.append(f"{100 * value:.1f}% (floor)")
+        else:
+            labels.append(f"{100 * value:.1f}% ({100 * (value - floor):+.1f} pts over ce)")
     fig = go.Figure(go.Bar(
-        x=names, y=values, marker_color=WRONG, text=[f"{v:.0%}" for v in values],
-        textposition="outside",
+        x=names, y=values, marker_color=WRONG, text=labels, textposition="outside",
         hovertemplate="%{x}: repeats %{y:.1%} of the teacher's mistakes<extra></extra>"))
+    if floor is not None:
+        fig.add_hline(y=floor, line_dash="dash", line_color=TEACHER)
     fig.update_xaxes(title_text="training strategy", type="category")
     fig.update_yaxes(title_text="teacher's test mistakes copied", tickformat=".0%",
-                     range=[0, min(1.0, max(values, default=0.0) * 1.25) or 0.1])
+                     range=[0, min(1.0, max(values, default=0.0) * 1.3) or 0.1])
     fig.update_layout(showlegend=False)
-    return _finish(fig, "How many of the teacher's mistakes each student copies (lower is better)",
+    fig = _finish(fig, "How many of the teacher's mistakes each student copies (lower is better)",
+                  height=380)
+    if floor is not None:
+        fig.update_layout(margin=dict(t=80), title_subtitle_text=(
+            f"dashed line: ce's {100 * floor:.1f}%, the floor (ce never sees the teacher); "
+            "above it, what the teacher passed on"))
+    return fig
+
+
+# --- the decision
+# Figures for the Results page's answer to "distil or not": per-class differences with their
+# significance, the teacher-vs-student error map, and calibration. Inputs are the documents of
+# ``kdcore.value.compare.summarise`` (differences are fractions, drawn in points) and the
+# lists of ``kdcore.analysis.calibration.reliability``.
+
+AGAINST = {"ce": "ce (labels alone)", "kd": "vanilla KD", "teacher": "the teacher"}
+ALPHA = 0.05  # a per-class difference is significant at BH-adjusted p below this
+# the four cells of an error map: (key, label, teacher right?, student right?)
+ERROR_CELLS = (("both_right", "both right", True, True),
+               ("newly_wrong", "newly wrong (student breaks)", True, False),
+               ("fixed", "fixed (student repairs)", False, True),
+               ("both_wrong", "both wrong", False, False))
+_CELL_COLOURS = {"both_right": "#E8F1E8", "newly_wrong": WRONG, "fixed": RIGHT,
+                 "both_wrong": TEACHER}
+
+
+def _interval(ci: Sequence[float] | None) -> str:
+    return "no interval (fewer than 2 seeds or no spread)" if not ci else (
+        f"95% interval {100 * ci[0]:+.1f} to {100 * ci[1]:+.1f}")
+
+
+def _p_text(p: float | None) -> str:
+    if p is None or not np.isfinite(p):
+        return "—"
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def per_class_significance(per_class: Sequence[dict], against: str = "ce", *,
+                           strategy: str = "student", alpha: float = ALPHA) -> go.Figure:
+    """Per class, the paired difference of ``strategy`` against ``against`` (``ce``, ``kd`` or
+    ``teacher``) over seeds, in points, with its 95% interval; a class whose
+    Benjamini-Hochberg adjusted p is below ``alpha`` is drawn large, green above 0 and red
+    below; the others small and grey.
+
+    ``per_class``: a strategy's ``per_class`` list of ``summarise`` (``{"class",
+    "delta_vs_<against>": {mean, ci95} | None, "p_adjusted_vs_<against>"}``). Classes without a
+    difference are left out and counted in the subtitle.
+    """
+    if against not in AGAINST:
+        raise ValueError(f"against must be one of {sorted(AGAINST)}")
+    groups: dict[str, list] = {"better": [], "worse": [], "unclear": []}
+    missing = 0
+    for row in per_class:
+        delta = row.get(f"delta_vs_{against}")
+        if not delta or delta.get("mean") is None or not np.isfinite(delta["mean"]):
+            missing += 1
+            continue
+        p = row.get(f"p_adjusted_vs_{against}")
+        mean, ci = 100 * float(delta["mean"]), delta.get("ci95")
+        significant = p is not None and np.isfinite(p) and p < alpha
+        kind = ("better" if mean > 0 else "worse") if significant else "unclear"
+        lo, hi = (100 * ci[0], 100 * ci[1]) if ci else (mean, mean)
+        groups[kind].append((_plain(row["class"]), mean, lo, hi,
+                             f"class {_plain(row['class'])}: {mean:+.1f} points against "
+                             f"{AGAINST[against]}<br>{_interval(ci)}<br>BH-adjusted p "
+                             f"{_p_text(p)}"))
+    fig = go.Figure()
+    styles = {"better": ("significantly better", RIGHT, 12, "circle"),
+              "worse": ("significantly worse", WRONG, 12, "circle"),
+              "unclear": ("no significant difference", TEACHER, 7, "circle-open")}
+    classes = [_plain(r["class"]) for r in per_class]
+    for kind, (name, colour, size, symbol) in styles.items():
+        points = groups[kind]
+        if not points:
+            continue
+        x, mean, lo, hi, hover = (list(v) for v in zip(*points, strict=True))
+        fig.add_trace(go.Scatter(
+            x=x, y=mean, mode="markers", name=f"{name} ({len(points)})",
+            marker=dict(size=size, color=colour, symbol=symbol),
+            error_y=dict(type="data", symmetric=False,
+                         array=[h - m for h, m in zip(hi, mean, strict=True)],
+                         arrayminus=[m - lo_ for m, lo_ in zip(mean, lo, strict=True)],
+                         color=colour, thickness=1.5, width=3),
+            hovertext=hover, hoverinfo="text"))
+    fig.add_hline(y=0, line_dash="dash", line_color=TEACHER)
+    fig.update_xaxes(title_text="class", type="category", categoryorder="array",
+                     categoryarray=classes)
+    fig.update_yaxes(title_text=f"difference vs {AGAINST[against]} (points)")
+    fig = _finish(fig, f"Per class: {strategy} against {AGAINST[against]} (bars: 95% interval)",
+                  height=400)
+    n = sum(len(v) for v in groups.values())
+    sub = (f"{len(groups['better'])} of {n} classes significantly better, "
+           f"{len(groups['worse'])} significantly worse (Benjamini-Hochberg, p < {alpha:g})")
+    if missing:
+        sub += f"; {missing} without a difference"
+    fig.update_layout(title_subtitle_text=_plain(sub), margin=dict(t=90))
+    return fig
+
+
+def error_map_counts(masks: dict) -> dict[str, int]:
+    """The four cells of an error map as counts, from the boolean masks of
+    ``kdcore.analysis.metrics.error_map`` (``both_wrong``, ``fixed``, ``newly_wrong``); the
+    samples in none of them are right for both."""
+    arrays = {k: np.asarray(masks[k], dtype=bool) for k in ("both_wrong", "fixed", "newly_wrong")}
+    n = len(arrays["both_wrong"])
+    right = ~(arrays["both_wrong"] | arrays["fixed"] | arrays["newly_wrong"])
+    return {"both_right": int(right.sum()), **{k: int(v.sum()) for k, v in arrays.items()},
+            "total": n}
+
+
+def error_map_chart(counts: dict, *, strategy: str = "student",
+                    seed: int | None = None) -> go.Figure:
+    """Teacher (rows: right, wrong) against the student (columns: right, wrong) on the test
+    split: both right, newly wrong (the student breaks what the teacher got right), fixed
+    (the student gets right what the teacher got wrong), both wrong.
+
+    ``counts``: ``both_wrong``, ``fixed``, ``newly_wrong`` and optionally ``both_right``
+    (:func:`error_map_counts`). An invisible marker on each non-empty cell carries
+    ``customdata = [cell index in ERROR_CELLS]`` so a click selects the cell.
+    """
+    values = [int(counts.get(key) or 0) for key, *_ in ERROR_CELLS]
+    total = sum(values)
+    rows, cols = ["teacher right", "teacher wrong"], ["student right", "student wrong"]
+    z = np.array([[0, 1], [2, 3]], dtype=float)
+    text = np.empty((2, 2), dtype=object)
+    hover = np.empty((2, 2), dtype=object)
+    for i, (_, label, teacher_ok, student_ok) in enumerate(ERROR_CELLS):
+        r, c = (0 if teacher_ok else 1), (0 if student_ok else 1)
+        share = values[i] / total if total else 0.0
+        text[r, c] = f"<b>{label}</b><br>{values[i]:,} ({100 * share:.1f}%)"
+        hover[r, c] = f"{label}: {values[i]:,} of {total:,} test samples ({100 * share:.1f}%)"
+    colours = [_CELL_COLOURS[key] for key, *_ in ERROR_CELLS]
+    scale = [[stop, colour] for i, colour in enumerate(colours)
+             for stop in (i / 4, (i + 1) / 4)]
+    fig = go.Figure(go.Heatmap(
+        z=z, x=cols, y=rows, text=text, texttemplate="%{text}", hovertext=hover,
+        hoverinfo="text", colorscale=scale, zmin=-0.5, zmax=3.5, showscale=False, xgap=3,
+        ygap=3, textfont=dict(size=14)))
+    cells = [(i, key) for i, (key, *_) in enumerate(ERROR_CELLS) if values[i]]
+    fig.add_trace(go.Scatter(
+        x=[cols[0 if ERROR_CELLS[i][3] else 1] for i, _ in cells],
+        y=[rows[0 if ERROR_CELLS[i][2] else 1] for i, _ in cells], mode="markers",
+        marker=dict(symbol="square", size=90, color="rgba(0,0,0,0)"),
+        selected=dict(marker=dict(color="rgba(0,0,0,0)")),
+        unselected=dict(marker=dict(opacity=1)),
+        customdata=[[i] for i, _ in cells],
+        hovertext=[hover[0 if ERROR_CELLS[i][2] else 1, 0 if ERROR_CELLS[i][3] else 1]
+                   for i, _ in cells], hoverinfo="text", showlegend=False, name="cells"))
+    fig.update_xaxes(type="category", side="top", showgrid=False)
+    fig.update_yaxes(type="category", autorange="reversed", showgrid=False)
+    fig.update_layout(plot_bgcolor="white", clickmode="event+select")
+    which = f"{strategy}, seed {seed}" if seed is not None else strategy
+    return _finish(fig, f"Teacher against student ({which}) on {total:,} test samples",
                    height=360)
+
+
+def calibration_reliability(curves: dict[str, dict], *,
+                            highlight: str | None = None) -> go.Figure:
+    """Reliability diagrams of the teacher and students on one chart: per confidence bin,
+    how often the model was right against how sure it said it was. The diagonal is perfect
+    calibration; below it, more sure than right.
+
+    ``curves``: model name -> ``kdcore.analysis.calibration.reliability`` (lists
+    ``bin_lower``, ``bin_upper``, ``confidence``, ``accuracy``, ``count``); empty bins are
+    skipped. Colours of :func:`strategy_colours` (``teacher`` grey, ``highlight`` blue).
+    """
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfectly calibrated",
+                             line=dict(color=SUPPORT, dash="dash"), hoverinfo="skip"))
+    colours = strategy_colours(list(curves), highlight)
+    for name, curve in curves.items():
+        frame = pd.DataFrame({k: curve[k] for k in ("bin_lower", "bin_upper", "confidence",
+                                                    "accuracy", "count")})
+        frame = frame[frame["count"] > 0]
+        label = _plain(name)
+        fig.add_trace(go.Scatter(
+            x=frame["confidence"], y=frame["accuracy"], mode="lines+markers", name=label,
+            line=dict(color=colours[name], width=2.5 if name in ("teacher", highlight) else 1.5,
+                      dash="dot" if name == "teacher" else "solid"),
+            marker=dict(size=7),
+            customdata=np.stack([frame["count"], frame["bin_lower"], frame["bin_upper"]], 1)
+            if len(frame) else None,
+            hovertemplate=(f"{label}, confidence %{{customdata[1]:.0%}}–%{{customdata[2]:.0%}}: "
+                           "%{customdata[0]} samples, said %{x:.1%} sure, right %{y:.1%}"
+                           "<extra></extra>")))
+    fig.update_xaxes(title_text="confidence in the predicted class", tickformat=".0%",
+                     range=[0, 1.02])
+    fig.update_yaxes(title_text="how often it was right", tickformat=".0%", range=[0, 1.02])
+    fig = _finish(fig, "Can the models' confidence be trusted? (pooled over seeds)", height=420)
+    fig.update_layout(title_subtitle_text="points below the dashed line: more sure than right",
+                      margin=dict(t=80), legend=dict(orientation="v", yanchor="top", y=1.0,
+                                                     xanchor="left", x=1.02))
+    return fig
 
 
 def learning_curves(df: pd.DataFrame, *, per_seed: bool = False, metric: str = "test_accuracy",

@@ -160,7 +160,7 @@ def build_report(store: RunStore, bundle: str | Path | Bundle | None = None,
                                                              held_out.class_names)))
     if not runs:
         return data
-    data.summary = summarise(runs)
+    data.summary = summarise(runs, store)
     best = selection.best_student(runs)
     data.charts.append(Chart("strategies", "Accuracy per strategy",
                              figures.strategy_accuracy_bars(data.summary, best)))
@@ -220,6 +220,104 @@ def _kpis(items: Sequence[tuple[str, str]]) -> str:
 
 def _pct(x) -> str:
     return "—" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.1%}"
+
+
+def _pts(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:+.1f}"
+
+
+def _delta(delta: dict | None, unit: str = " pts") -> str:
+    """"+0.7 pts [+0.3, +1.2]", the interval left out when there is none, "—" for no delta."""
+    if not delta:
+        return "—"
+    ci = delta.get("ci95")
+    return f"{_pts(delta['mean'])}{unit}" + (f" [{_pts(ci[0])}, {_pts(ci[1])}]" if ci else
+                                            " (no interval)")
+
+
+def _answer(value: bool | None) -> str:
+    return "yes" if value is True else "no" if value is False else "cannot tell"
+
+
+def _decision_html(summary: dict) -> str:
+    """The three answers of the decision, each with its interval."""
+    d = summary.get("decision")
+    if not d:
+        return ""
+    best = d.get("best_strategy")
+    level = d.get("ci_level") or 0.95
+    best_text = "—" if best is None else (
+        "ce: train on labels alone" if best == "ce" else best)
+    rows = [
+        {"question": "Does distillation beat training on labels alone (ce)?",
+         "answer": _answer(d.get("distil")),
+         "evidence": ("—" if not d.get("delta_vs_ce") else
+                      f"{d.get('best_distilled')} vs ce: {_delta(d['delta_vs_ce'])}, "
+                      f"{level:.1%} interval ({d.get('adjustment')})")},
+        {"question": "Which strategy is best?", "answer": best_text,
+         "evidence": ("—" if best not in summary["strategies"] else
+                      f"{summary['strategies'][best]['mean']:.1%} test accuracy, mean over "
+                      f"{len(summary['strategies'][best]['seeds'])} seeds")},
+        {"question": "Does it beat its teacher?", "answer": _answer(d.get("beats_teacher")),
+         "evidence": ("—" if not d.get("delta_vs_teacher") else
+                      f"{_delta(d['delta_vs_teacher'])} vs the teacher, 95% interval")},
+    ]
+    note = f'<p class="meta">{_e(d["note"])}</p>' if d.get("note") else ""
+    return "<h3>The decision</h3>" + _table(pd.DataFrame(rows)) + note
+
+
+def _classes_html(summary: dict) -> str:
+    """The classes distillation hurts and the classes it fixes, with their intervals."""
+    classes = summary.get("classes") or {}
+    if not classes.get("against"):
+        return ""
+    against = {"ce": "ce (labels alone)", "kd": "vanilla KD"}.get(classes["against"],
+                                                                 classes["against"])
+    out = [f"<h3>Per class: {_e(classes.get('strategy'))} against {_e(against)}</h3>",
+           '<p class="meta">Paired difference in per-class test accuracy over seeds, 95% '
+           "interval; only classes significant after the Benjamini-Hochberg correction across "
+           "classes (adjusted p &lt; 0.05) are listed.</p>"]
+    for key, title in (("hurts", "Classes distillation hurts"), ("fixes", "Classes it fixes")):
+        items = classes.get(key) or []
+        if not items:
+            out.append(f"<p><b>{title}:</b> none significant.</p>")
+            continue
+        out.append(f"<p><b>{title}</b></p>" + _table(pd.DataFrame([
+            {"class": item["class"], "difference (95% interval)": _delta(item.get("delta")),
+             "adjusted p": "—" if item.get("p_adjusted") is None
+             else f"{item['p_adjusted']:.3f}"} for item in items])))
+    return "".join(out)
+
+
+def _calibration_html(summary: dict) -> str:
+    """ECE, NLL and Brier of the teacher and of each strategy (mean over seeds)."""
+    cal = summary.get("calibration")
+    if not cal:
+        return ""
+    rows = []
+    for name, scores in [("teacher", cal.get("teacher")), *(cal.get("strategies") or {}).items()]:
+        scores = scores or {}
+        rows.append({"model": name, "ECE": _pct(scores.get("ece")),
+                     "NLL": "—" if scores.get("nll") is None else f"{scores['nll']:.3f}",
+                     "Brier": "—" if scores.get("brier") is None else f"{scores['brier']:.3f}"})
+    return ("<h3>Calibration: can the confidence be trusted?</h3>" + _table(pd.DataFrame(rows))
+            + '<p class="meta">ECE: 15 equal-width bins of the top-class confidence. NLL: mean '
+              "negative log-probability of the true class. Brier: per sample the sum over "
+              "classes of the squared error against the one-hot label, then the mean. Students: "
+              "mean over seeds; lower is better for all three.</p>")
+
+
+def _error_map_html(summary: dict) -> str:
+    """Per strategy, the test samples both get wrong, the student fixes and newly breaks."""
+    rows = [{"strategy": name, "both wrong": e["error_map"].get("both_wrong"),
+             "fixed (teacher wrong, student right)": e["error_map"].get("fixed"),
+             "newly wrong (teacher right, student wrong)": e["error_map"].get("newly_wrong"),
+             "seeds": len(e["seeds"])}
+            for name, e in summary["strategies"].items() if e.get("error_map")]
+    if not rows:
+        return ""
+    return ("<h3>Teacher against student: error map</h3>" + _table(pd.DataFrame(rows))
+            + '<p class="meta">Test samples, counts pooled (summed) over the seeds.</p>')
 
 
 def render_html(data: ReportData, *, static: dict[str, str] | None = None) -> str:
@@ -282,6 +380,7 @@ def render_html(data: ReportData, *, static: dict[str, str] | None = None) -> st
         out.append(f'<p class="warn">{_e(NO_STUDENTS)}</p>')
     else:
         out.append(f'<p class="note"><b>Verdict.</b> {_e(data.summary["verdict"])}</p>')
+        out.append(_decision_html(data.summary))
         rows = []
         for name, e in data.summary["strategies"].items():
             d = e["delta_vs_kd"]
@@ -292,7 +391,11 @@ def render_html(data: ReportData, *, static: dict[str, str] | None = None) -> st
                 "vs kd, paired (95% interval)": "" if not d or name == BASELINE else (
                     f"{d['mean'] * 100:+.1f} pts" + (f" [{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}]"
                                                      if ci else "")),
+                "vs ce, paired (95% interval)": ("" if name == "ce" or not e.get("delta_vs_ce")
+                                                 else _delta(e["delta_vs_ce"])),
                 "copies teacher errors": _pct(e["bias_inheritance"]),
+                "excess over ce": ("" if name == "ce" or e.get("excess_inheritance") is None
+                                   else f"{_pts(e['excess_inheritance'])} pts"),
                 "best-epoch accuracy": _pct(e["best_epoch_mean"]),
                 "seeds": ", ".join(str(s) for s in e["seeds"]),
             })
@@ -300,9 +403,14 @@ def render_html(data: ReportData, *, static: dict[str, str] | None = None) -> st
         out.append('<p class="meta">Test accuracy is the last epoch, averaged over seeds. '
                    "Best-epoch accuracy picks the epoch on the test set, so it is optimistic. "
                    "&ldquo;Copies teacher errors&rdquo;: of the held-out samples the teacher "
-                   "gets wrong, the share the student gets wrong with the same wrong class.</p>")
+                   "gets wrong, the share the student gets wrong with the same wrong class; ce "
+                   "never sees the teacher, so its share is the floor, and a strategy's excess "
+                   "over it is what the teacher passed on.</p>")
         out.append(chart("strategies"))
         out.append(chart("per-class"))
+        out.append(_classes_html(data.summary))
+        out.append(_calibration_html(data.summary))
+        out.append(_error_map_html(data.summary))
 
     # ---- ROI
     out.append("<h2>3. Return on investment: size, speed and cost</h2>")
