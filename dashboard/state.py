@@ -1,12 +1,16 @@
-"""Shared, cached loaders for every dashboard page: the run store, data sources and bundles.
+"""Shared, cached loaders for every dashboard page: the run store, data sources, bundles,
+image folders and thumbnails.
 
 Pages import this module; it holds no UI beyond ``show_error``. Data sources are named by
 what a user sees in a selectbox: the bundled sample first, then other bundles found in the
-workspace, then accepted uploads (kept in ``st.session_state["data_uploads"]``).
+workspace, then the prediction tables ``kdcore predict`` wrote there (the Data page's image
+folders, ``kdcore analyze IMAGES``), then accepted uploads (kept in
+``st.session_state["data_uploads"]``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -17,17 +21,23 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from kdcore.data import thumbnails
 from kdcore.data.bundles import Bundle, is_bundle, load_bundle, sample_bundle_path
+from kdcore.data.cifar import find_cifar_dir
+from kdcore.data.images import ImageSource, open_images
 from kdcore.data.sources import load_predictions
 from kdcore.data.tables import LOGIT_PREFIX, PredictionTable, read_prediction_table
 from kdcore.errors import DataError, KDCoreError
 from kdcore.store.runs import RunStore
+from kdcore.store.tasks import PREDICTIONS_DIR
 from kdcore.workspace import resolve_workspace
 
 UPLOADS = "data_uploads"          # session key: upload display name -> PredictionTable
 UPLOAD_TOKENS = "data_upload_tokens"  # session key: upload display name -> content hash
 UPLOAD_PREFIX = "upload:"
+TABLE_PREFIX = "table:"  # a prediction table file in <workspace>/predictions
 SAMPLE_LABEL = " (bundled sample)"
+PREDICTED_LABEL = " (predicted)"
 
 
 def workspace() -> Path:
@@ -57,9 +67,19 @@ def bundle_choices() -> dict[str, str]:
     return choices
 
 
+def prediction_name(path: str | Path) -> str:
+    """The source name of a prediction table in ``<workspace>/predictions``."""
+    return Path(path).stem + PREDICTED_LABEL
+
+
 def sources() -> dict[str, str]:
-    """Data source display name -> bundle path, or ``upload:<name>`` for an accepted upload."""
+    """Data source display name -> bundle path, ``table:<path>`` for a prediction table in the
+    workspace, or ``upload:<name>`` for an accepted upload."""
     choices = dict(bundle_choices())
+    folder = workspace() / PREDICTIONS_DIR
+    if folder.is_dir():
+        for path in sorted(folder.glob("*.parquet")):
+            choices.setdefault(prediction_name(path), TABLE_PREFIX + str(path))
     for name in st.session_state.get(UPLOADS, {}):
         choices[name] = UPLOAD_PREFIX + name
     return choices
@@ -97,8 +117,10 @@ def _load_bundle(path: str, mtime: float) -> Bundle:
 
 
 def _mtime(path: str) -> float:
+    """When the bundle (its manifest) or the table file at ``path`` last changed."""
+    file = Path(path.removeprefix(TABLE_PREFIX))
     try:
-        return (Path(path) / "manifest.json").stat().st_mtime
+        return (file if path.startswith(TABLE_PREFIX) else file / "manifest.json").stat().st_mtime
     except OSError:
         return 0.0
 
@@ -119,14 +141,16 @@ def load_source(name: str) -> PredictionTable:
     value = sources()[name]
     if value.startswith(UPLOAD_PREFIX):
         return st.session_state[UPLOADS][name]
+    if value.startswith(TABLE_PREFIX):
+        return _load_path(value.removeprefix(TABLE_PREFIX), _mtime(value))
     source_bundle(name)  # the whole bundle checked here, so a later source_bundle() works
     return _load_path(value, _mtime(value))
 
 
 def source_bundle(name: str) -> Bundle | None:
-    """The bundle behind a source name, or None for an uploaded table."""
+    """The bundle behind a source name, or None for a table (uploaded or in the workspace)."""
     value = sources().get(name)
-    if value is None or value.startswith(UPLOAD_PREFIX):
+    if value is None or value.startswith((UPLOAD_PREFIX, TABLE_PREFIX)):
         return None
     return _load_bundle(value, _mtime(value))
 
@@ -176,6 +200,101 @@ def example_csv(split: str = "test") -> bytes:
     frame.insert(0, "sample_id", [f"{split}-{i}" for i in range(len(frame))])
     frame["split"] = split
     return frame.to_csv(index=False).encode("utf-8")
+
+
+# ---------------------------------------------------------------- images
+
+
+def _folder_stamp(path: Path) -> tuple:
+    """What changes when images are added to or removed from a folder: its own time and its
+    sub-folders' (splits, classes), a few dozen stats at most."""
+    stamp = []
+    for entry in [path, *sorted(p for p in path.glob("*/") if p.is_dir()),
+                  *sorted(p for p in path.glob("*/*/") if p.is_dir())]:
+        with contextlib.suppress(OSError):
+            stamp.append((str(entry), entry.stat().st_mtime_ns))
+    return tuple(stamp)
+
+
+@st.cache_resource(show_spinner="Reading the image folder…", max_entries=4)
+def _image_source(path: str, stamp: tuple) -> ImageSource:
+    return open_images(path)
+
+
+def image_source(path: str | Path) -> ImageSource:
+    """The image folder (or CIFAR folder) at ``path`` on the server, checked once per change;
+    a DataError with the fix when it is not one."""
+    text = str(path).strip()
+    folder = Path(text).expanduser().resolve() if text else None
+    if folder is None or not folder.exists():
+        raise DataError(f"{text or '(empty path)'}: no such folder on the server; give the "
+                        "folder that holds train/ and test/ (or a CIFAR python-version folder)")
+    return _image_source(str(folder), _folder_stamp(folder))
+
+
+@st.cache_data(show_spinner=False, max_entries=1024)
+def _file_thumbnail(path: str, mtime_ns: int) -> bytes | None:
+    image = thumbnails.read_thumbnail(path)
+    return None if image is None else thumbnails.png(image)
+
+
+@st.cache_data(show_spinner=False, max_entries=1024)
+def _source_thumbnail(root: str, sample_id: str, stamp: tuple) -> bytes | None:
+    try:
+        image = image_source(root).load_image(sample_id)
+        return thumbnails.png(thumbnails.fit(image))
+    except Exception:  # not in the source, or unreadable: shown as missing
+        return None
+
+
+def thumbnail(root: str, sample_id: str) -> bytes | None:
+    """PNG thumbnail of one sample of the image source at ``root``: ``<root>/<sample_id>``
+    (an image folder), else the source's own reader (CIFAR); None when it cannot be shown."""
+    path = thumbnails.image_path(root, sample_id)
+    if path is not None:
+        try:
+            return _file_thumbnail(str(path), path.stat().st_mtime_ns)
+        except OSError:
+            return None
+    try:
+        folder = find_cifar_dir(root)  # images inside files, not one file per image
+    except DataError:
+        folder = None
+    if folder is None:
+        return None
+    return _source_thumbnail(root, str(sample_id), _folder_stamp(folder))
+
+
+def array_thumbnail(image) -> bytes | None:
+    """PNG thumbnail of an image held as an array (a bundle's inputs)."""
+    found = thumbnails.array_thumbnail(image)
+    return None if found is None else thumbnails.png(found)
+
+
+@st.cache_data(show_spinner=False)
+def missing_thumbnail() -> bytes:
+    """The grey square shown where an image cannot be read."""
+    return thumbnails.png(thumbnails.placeholder())
+
+
+def clicked(key: str, memory: str) -> list[int] | None:
+    """customdata (integers) of the first point clicked in the chart with widget ``key``, once
+    per new click: the selection stays in the session, and a choice made by hand since must
+    not be overwritten. ``memory`` is the session key where the last click seen is kept."""
+    event = st.session_state.get(key)
+    points = (event or {}).get("selection", {}).get("points", []) if event else []
+    data = points[0].get("customdata") if points else None
+    if isinstance(data, dict):  # a typed array arrives as {"0": v0, "1": v1, ...}
+        data = [data[k] for k in sorted(data, key=int)]
+    try:
+        data = [int(v) for v in (data if isinstance(data, (list, tuple)) else [data])]
+    except (TypeError, ValueError):
+        data = None
+    seen = st.session_state.setdefault(memory, {})
+    if seen.get(key) == data:
+        return None
+    seen[key] = data
+    return data
 
 
 def show_error(exc: BaseException, prefix: str = "") -> None:

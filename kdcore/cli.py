@@ -1,4 +1,5 @@
-"""The ``kdcore`` command line: demo, analyze, train, compare, runs, roi, report, dashboard.
+"""The ``kdcore`` command line: demo, predict, analyze, train, compare, export, runs, roi,
+report, dashboard.
 
 With ``--json`` a command prints one JSON document on stdout and nothing else. Errors are one
 line on stderr: exit status 2 for bad input, 1 for an internal failure.
@@ -80,17 +81,23 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from kdcore.analysis.analyzer import STREAMED_LABEL_QUALITY, analyze_path, should_stream
     from kdcore.store.overrides import overrides_for
 
+    images = _image_predictions(args)  # an image folder: predict first (cached), then analyze
+    path = args.path if images is None else str(images)
     stream = args.stream or None
-    overrides = ({} if should_stream(args.path, stream)  # streamed: no label check to apply
-                 else overrides_for(args.workspace, args.path))
-    doc = analyze_path(args.path, split=args.split, top=args.top, stream=stream,
+    overrides = ({} if should_stream(path, stream)  # streamed: no label check to apply
+                 else overrides_for(args.workspace, path))
+    doc = analyze_path(path, split=args.split, top=args.top, stream=stream,
                        overrides=overrides)
     doc.setdefault("likely_label_errors", dict(STREAMED_LABEL_QUALITY))
+    if images is not None:
+        doc["source"], doc["predictions"] = Path(args.path).name, str(images)
     if args.json:
         emit_json(doc)
         return 0
     say(f"{doc['source']}: {doc['n_samples']} samples, {doc['n_classes']} classes"
         + (f", split {args.split}" if args.split else ""))
+    if images is not None:
+        say(f"  (predictions: {doc['predictions']}; open it in the dashboard's Data page)")
     for name, part in doc.get("splits", {}).items():
         if part.get("labelled") is False:
             say(f"  {name:<11} {part['n_samples']:>7} samples, unlabelled ({part['meaning']})")
@@ -115,6 +122,111 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         say("\nTop confusions (true -> teacher's prediction):")
         say(pd.DataFrame(doc["top_confusions"]).to_string(
             index=False, float_format=lambda v: f"{v:.3f}"))
+    return 0
+
+
+# ----------------------------------------------------------------------------- images
+
+
+_MODEL_FLAGS = ("model", "weights", "model_file")
+
+
+def _model_flags(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k, None) for k in _MODEL_FLAGS}
+
+
+def _preprocess(args: argparse.Namespace):
+    from kdcore.learning.predict import make_preprocess
+
+    return make_preprocess(normalize=args.normalize, mean=args.mean, std=args.std,
+                           image_size=args.image_size)
+
+
+def _run_predict(args: argparse.Namespace, images: str, out: Path, preprocess):
+    """Predict with a progress bar (images/s) on stderr; the summary."""
+    from kdcore.learning.predict import predict_path
+
+    flags = _model_flags(args)
+    bar = None
+
+    def on_start(total: int) -> None:
+        nonlocal bar
+        bar = _progress(not args.quiet, total, "predicting", "img")
+
+    try:
+        return predict_path(images, out, arch=flags["model"], weights=flags["weights"],
+                            model_file=flags["model_file"], preprocess=preprocess,
+                            batch_size=args.batch_size, threads=args.threads,
+                            on_start=on_start, on_batch=lambda n: bar.update(n))
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _image_predictions(args: argparse.Namespace) -> Path | None:
+    """For ``kdcore analyze IMAGES --model...``: the prediction table of the image source in
+    ``<workspace>/predictions/`` (made now unless the same source, teacher and options were
+    predicted before); None when the path is not an image source."""
+    from kdcore.data.bundles import is_bundle
+
+    flags = _model_flags(args)
+    given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v is not None]
+    folder = args.path is not None and Path(args.path).is_dir() and not is_bundle(args.path)
+    if folder:
+        from kdcore.data.images import is_image_source
+
+        folder = is_image_source(args.path)
+    if not folder:
+        if given:
+            raise DataError(f"{given[0]} is for an image folder or CIFAR folder; "
+                            f"{args.path or 'the sample'} is a bundle or a table, analyse it "
+                            "without model flags")
+        return None
+    if not given:
+        raise DataError(f"{args.path} holds images: add the teacher to predict them, "
+                        "--model ARCH --weights FILE or --model-file FILE.ts|.pt2|.onnx")
+    from kdcore.learning.predict import prediction_cache_path
+
+    preprocess = _preprocess(args)
+    cached = prediction_cache_path(resolve_workspace(args.workspace), args.path,
+                                   arch=flags["model"], weights=flags["weights"],
+                                   model_file=flags["model_file"], preprocess=preprocess)
+    if not cached.is_file():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        _run_predict(args, args.path, cached, preprocess)
+    return cached
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    summary = _run_predict(args, args.images, Path(args.out), _preprocess(args))
+    if args.json:
+        emit_json(summary.to_dict())
+        return 0
+    splits = ", ".join(f"{n} {s}" for s, n in summary.splits.items())
+    say(f"wrote {summary.out}: {summary.n_images} images ({splits}), {summary.n_classes} "
+        f"classes, {summary.model}, {summary.images_per_second:.0f} images/s")
+    say(f"next: kdcore analyze {summary.out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from kdcore.learning.export import export_weights
+    from kdcore.store.runs import RunStore
+
+    store = RunStore(args.workspace)
+    run = store.get(args.run_id)
+    if run.status != "done":
+        raise DataError(f"run {run.id} is {run.status}, not done; export a finished run "
+                        "(`kdcore runs` lists them)")
+    weights = store.artifact_dir(run.id) / "student.pt"
+    if not weights.is_file():
+        raise DataError(f"run {run.id} has no saved weights ({weights} is missing); train it "
+                        "again to export it")
+    out = export_weights(weights, Path(args.out), args.format)
+    if args.json:
+        emit_json({"run": run.id, "format": args.format, "out": str(out)})
+    else:
+        say(f"wrote {out} ({args.format}) from run {run.id}")
     return 0
 
 
@@ -247,25 +359,45 @@ def _run_compare(args: argparse.Namespace, strategies: list[str], seeds: int,
     return summary
 
 
+def _signed(delta: dict | None) -> str:
+    """A paired difference in points: "+1.23 [+0.45, +2.01]", "" without one."""
+    if not delta:
+        return ""
+    ci = delta["ci95"]
+    return f"{delta['mean'] * 100:+.2f}" + (f" [{ci[0] * 100:+.2f}, {ci[1] * 100:+.2f}]"
+                                             if ci else "")
+
+
 def _print_summary(summary: dict) -> None:
+    decision = summary.get("decision") or {}
+    answer = {True: "distil", False: "do not distil"}.get(decision.get("distil"), "cannot tell")
+    teacher = {True: "yes", False: "no"}.get(decision.get("beats_teacher"), "cannot tell")
+    against_ce = (f": {decision['best_distilled']} vs ce {_signed(decision['delta_vs_ce'])}"
+                  if decision.get("delta_vs_ce") else "")
+    say(f"Decision: {answer}{against_ce} ({decision.get('adjustment')}); best strategy "
+        f"{decision.get('best_strategy')}; beats its teacher: {teacher}")
+    calibration = (summary.get("calibration") or {}).get("strategies") or {}
+    teacher_ece = ((summary.get("calibration") or {}).get("teacher") or {}).get("ece")
     rows = []
     for name, e in summary["strategies"].items():
-        delta = e["delta_vs_kd"]
-        ci = delta["ci95"] if delta else None
+        ece = (calibration.get(name) or {}).get("ece")
         rows.append({
             "strategy": name,
             "test acc (mean ± std)": f"{e['mean'] * 100:.2f} ± {e['std'] * 100:.2f}",
-            "vs kd (paired, 95% CI)": "" if not delta or name == "kd" else (
-                f"{delta['mean'] * 100:+.2f}" + (f" [{ci[0] * 100:+.2f}, {ci[1] * 100:+.2f}]"
-                                                 if ci else "")),
+            "vs kd (paired, 95% CI)": "" if name == "kd" else _signed(e["delta_vs_kd"]),
+            "vs ce (paired, 95% CI)": "" if name == "ce" else _signed(e.get("delta_vs_ce")),
             "copies teacher errors": _pct(e["bias_inheritance"]),
+            "excess inheritance": "" if name == "ce" else _pct(e.get("excess_inheritance")),
+            "ECE": "n/a" if ece is None else f"{ece:.3f}",
             "best-epoch acc": f"{e['best_epoch_mean'] * 100:.2f}",
             "seeds": len(e["seeds"]),
         })
-    say(f"Teacher test accuracy: {_pct(summary['teacher_test_accuracy'])}")
+    say(f"Teacher test accuracy: {_pct(summary['teacher_test_accuracy'])}"
+        + ("" if teacher_ece is None else f", ECE {teacher_ece:.3f}"))
     say(pd.DataFrame(rows).to_string(index=False))
     say("(test acc is the last epoch; best-epoch acc picks the epoch on the test set, "
-        "so it is optimistic)")
+        "so it is optimistic; excess inheritance is the share of the teacher's errors copied "
+        "minus ce's, which never sees the teacher)")
     say(f"\nVerdict: {summary['verdict']}")
 
 
@@ -517,15 +649,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, help="number of seeds (0..N-1; default 5)")
     p.add_argument("--workers", type=int, default=2, help="parallel training processes")
 
-    p = command("analyze", cmd_analyze, "teacher-bias analysis of a bundle or prediction table")
+    def image_options(p: argparse.ArgumentParser) -> None:
+        g = p.add_argument_group("teacher (for images; program and ONNX files are code: load "
+                                 "only trusted ones)")
+        g.add_argument("--model", metavar="ARCH", help="a zoo architecture, e.g. resnet32x4")
+        g.add_argument("--weights", metavar="FILE",
+                       help="its state dict (.pt, read weights-only) or .safetensors")
+        g.add_argument("--model-file", metavar="FILE",
+                       help="a whole model: TorchScript (.ts/.pt), torch.export (.pt2) or .onnx")
+        g = p.add_argument_group("preprocessing (pixels in [0, 1], then (x - mean) / std)")
+        g.add_argument("--batch-size", type=int, default=64, help="images per batch (64)")
+        g.add_argument("--image-size", metavar="H[,W]",
+                       help="resize every image (needed when their sizes differ)")
+        g.add_argument("--normalize", choices=["none", "cifar10", "cifar100", "imagenet"],
+                       help="a mean/std preset (default none)")
+        g.add_argument("--mean", metavar="R,G,B", help="per-channel mean (with --std)")
+        g.add_argument("--std", metavar="R,G,B", help="per-channel std (with --mean)")
+        g.add_argument("--threads", type=int, help="torch / ONNX Runtime threads")
+
+    p = command("predict", cmd_predict,
+                "run a teacher over an image folder or CIFAR folder into a prediction table",
+                workspace=False, quiet=True)
+    p.add_argument("images", help="image folder (train/, test/, unlabelled/) or CIFAR folder")
+    p.add_argument("--out", required=True, help="the Parquet file to write")
+    p.add_argument("--json", action="store_true")
+    image_options(p)
+
+    p = command("analyze", cmd_analyze,
+                "teacher-bias analysis of a bundle, prediction table or image folder", quiet=True)
     p.add_argument("path", nargs="?",
-                   help="bundle folder or CSV/Parquet table (default: the sample)")
+                   help="bundle folder, CSV/Parquet table, or image folder with a teacher "
+                        "(default: the sample)")
     p.add_argument("--split", choices=["train", "unlabelled", "test"])
     p.add_argument("--top", type=int, default=10, help="how many top confusions")
     p.add_argument("--stream", action="store_true",
                    help="read a Parquet table chunk by chunk (automatic above 2,000,000 rows "
                         "or 200 MB of decompressed outputs)")
     p.add_argument("--json", action="store_true")
+    image_options(p)
 
     p = command("train", cmd_train, "train one student and record the run", quiet=True)
     p.add_argument("bundle", nargs="?",
@@ -540,7 +701,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _add_training_options(p)
 
-    p = command("compare", cmd_compare, "compare strategies over seeds, paired against kd",
+    p = command("compare", cmd_compare,
+                "compare strategies over seeds, paired against ce, kd and the teacher",
                 quiet=True)
     p.add_argument("bundle", nargs="?",
                    help="bundle folder or CSV/Parquet tabular file (default: the sample)")
@@ -549,6 +711,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="parallel training processes")
     p.add_argument("--json", action="store_true")
     _add_training_options(p)
+
+    p = command("export", cmd_export, "write a finished run's student weights to a file")
+    p.add_argument("run_id", help="the run (a unique prefix is enough)")
+    p.add_argument("--format", required=True, choices=["state_dict", "safetensors"])
+    p.add_argument("--out", required=True, help="the file to write")
+    p.add_argument("--json", action="store_true")
 
     p = command("runs", cmd_runs, "list, show, remove or cancel runs")
     p.add_argument("action", nargs="?", choices=["list", "show", "rm", "cancel"])

@@ -1,18 +1,116 @@
-"""Data: the bundles the app knows, and uploads of your own teacher's predictions."""
+"""Data: the bundles the app knows, image folders with their teacher, and uploads of your own
+teacher's predictions."""
 
 from __future__ import annotations
 
+import re
+
+import numpy as np
 import pandas as pd
 import streamlit as st
 
 from kdcore.analysis.analyzer import SPLIT_MEANING
+from kdcore.data.images import ImageSource
 from kdcore.data.tables import LOGIT_PREFIX, PROB_PREFIX
 from kdcore.errors import KDCoreError
+from kdcore.learning.predict import DEFAULT_BATCH_SIZE, NORMALIZE_PRESETS
+from kdcore.store import tasks
 from kdcore_app import state
 
+TASKS = "data_image_tasks"  # session key: task key -> (Task, what it predicts)
+N_PREVIEW = 8
+KINDS = {"folder": "image folder", "cifar": "CIFAR folder"}
+DEFAULT_ARCH = "resnet32x4"  # the paper's CIFAR-100 teacher
+PROGRESS = re.compile(r"(\d+)/(\d+)")  # "predicting: 45%|...| 450/1000 [...]"
+
+
+def show_image_source(source: ImageSource) -> None:
+    """What the folder holds: images per split, classes, image size, a few images."""
+    cols = st.columns(1 + len(source.splits))
+    cols[0].metric("Classes", len(source.class_names))
+    for col, split in zip(cols[1:], source.splits, strict=True):
+        col.metric(f"{split} images", f"{source.n(split):,}", help=SPLIT_MEANING[split])
+    shape = source.image_shape
+    size = (f"{shape[1]}x{shape[2]} pixels, {'grey' if shape[0] == 1 else 'colour'}"
+            if shape else "mixed sizes: set an image size below, the teacher needs one")
+    skipped = getattr(source, "skipped", [])
+    st.caption(f"Classes: {', '.join(source.class_names[:20])}"
+               + ("…" if len(source.class_names) > 20 else "") + f" · images {size} · "
+               f"{KINDS.get(source.kind, source.kind)} {source.root}"
+               + (f" · {len(skipped):,} files that are not images skipped" if skipped else ""))
+    split = source.splits[0]
+    ids, labels = source.sample_ids(split), source.labels(split)
+    if labels is not None:  # one image of each class first
+        first = np.unique(labels, return_index=True)[1]
+        ids = np.concatenate([ids[first], np.delete(ids, first)])
+    ids = ids[:N_PREVIEW]
+    for col, sample_id in zip(st.columns(N_PREVIEW), ids, strict=False):
+        col.image(state.thumbnail(str(source.root), str(sample_id)) or state.missing_thumbnail(),
+                  caption=str(sample_id), width="stretch")
+
+
+def teacher_inputs() -> dict:
+    """The teacher and its preprocessing, as start_predict's keyword arguments."""
+    by_file = st.radio("Teacher", ["zoo", "file"], horizontal=True, key="data_images_teacher",
+                       format_func={"zoo": "kdcore architecture + weights",
+                                    "file": "model file (TorchScript, torch.export, ONNX)"}.get)
+    if by_file == "zoo":
+        t1, t2 = st.columns([1, 2])
+        names = tasks.IMAGE_ARCHITECTURES
+        chosen = {"model": t1.selectbox("Architecture", names, key="data_images_arch",
+                                        index=names.index(DEFAULT_ARCH)
+                                        if DEFAULT_ARCH in names else 0),
+                  "weights": t2.text_input("Weights file on the server (.pt state dict or "
+                                           ".safetensors)", key="data_images_weights")}
+    else:
+        chosen = {"model_file": st.text_input(
+            "Model file on the server (.ts, .pt2 or .onnx)", key="data_images_model_file",
+            help="Program and ONNX files are code: loading one runs what its author wrote, so "
+                 "load only files from people you trust.")}
+    p1, p2, p3 = st.columns(3)
+    chosen["normalize"] = p1.selectbox(
+        "Normalisation", list(NORMALIZE_PRESETS), key="data_images_normalize",
+        help="The mean/std preset the teacher was trained with (pixels in [0, 1] first).")
+    chosen["image_size"] = p2.text_input(
+        "Image size (H or H,W)", key="data_images_size", placeholder="as stored",
+        help="Resize every image to this size; needed when the images' sizes differ.")
+    chosen["batch_size"] = p3.number_input("Batch size", 1, 4096, DEFAULT_BATCH_SIZE,
+                                           key="data_images_batch")
+    return chosen
+
+
+def show_task(task: tasks.Task, what: str) -> bool:
+    """One prediction task's state; True while it runs."""
+    status = tasks.task_status(task)
+    if status.state == "running":
+        found = PROGRESS.findall(status.message)
+        done, total = (int(v) for v in found[-1]) if found else (0, 0)
+        st.progress(min(done / total, 1.0) if total else 0.0,
+                    text=f"Predicting {what}: " + (f"{done:,} of {total:,} images"
+                                                    if total else "starting")
+                    + f" ({status.seconds:.0f} s)")
+        return True
+    if status.state == "done":
+        st.success(f"{what}: **{state.prediction_name(task.output)}** is now a data source on "
+                   "the Teacher bias page, with the images in its drill-down.",
+                   icon=":material/check_circle:")
+    else:
+        st.error(f"{what} failed: {status.message}. Fix it and press Predict again (the log: "
+                 f"{task.log}).", icon=":material/error:")
+    return False
+
+
+def show_tasks() -> None:
+    """The session's prediction tasks, polled every 2 s while one runs."""
+    running = [show_task(task, what) for task, what in st.session_state.get(TASKS, {}).values()]
+    if not any(running) and st.session_state.pop("data_images_polling", False):
+        st.rerun(scope="app")  # stop polling
+
+
 st.title("Data")
-st.caption("Analyse the bundled sample, a dataset bundle, or your own teacher's predictions. "
-           "An accepted upload becomes a data source on the Teacher bias page.")
+st.caption("Analyse the bundled sample, a dataset bundle, an image folder with its teacher, or "
+           "your own teacher's predictions. Each becomes a data source on the Teacher bias "
+           "page.")
 
 # ---------------------------------------------------------------- bundles
 st.subheader("Dataset bundles")
@@ -35,6 +133,40 @@ try:
                f"folder {bundle.path}")
 except (KDCoreError, OSError, KeyError) as exc:
     state.show_error(exc, "This bundle cannot be read: ")
+
+# ---------------------------------------------------------------- image folder
+st.subheader("Image folder")
+st.caption("A folder on the server, where kdcore runs: train/<class>/… images, optionally "
+           "test/<class>/… and unlabelled/…, or a CIFAR-10/100 python-version folder. Give its "
+           "path: uploading thousands of images through the browser is not practical. The "
+           "teacher predicts every image in a background process; the table it writes is kept "
+           f"in {state.workspace() / tasks.PREDICTIONS_DIR}.")
+folder = st.text_input("Folder on the server", key="data_images_path",
+                       placeholder="/data/my-images")
+source = None
+if folder.strip():
+    try:
+        source = state.image_source(folder)
+    except (KDCoreError, OSError) as exc:
+        state.show_error(exc, "Not an image folder: ")
+if source is not None:
+    show_image_source(source)
+    teacher = teacher_inputs()
+    if st.button("Predict", type="primary", key="data_images_predict",
+                 icon=":material/play_arrow:"):
+        try:
+            task = tasks.start_predict(source.root, workspace=state.workspace(), **teacher)
+        except (KDCoreError, OSError) as exc:
+            state.show_error(exc, "Cannot predict: ")
+        else:
+            name = teacher.get("model_file") or f"{teacher['model']} ({teacher['weights']})"
+            st.session_state.setdefault(TASKS, {})[task.key] = (
+                task, f"{source.root.name} with {name.strip()}")
+if st.session_state.get(TASKS):
+    polling = any(tasks.task_status(t).state == "running"
+                  for t, _ in st.session_state[TASKS].values())
+    st.session_state["data_images_polling"] = polling
+    st.fragment(show_tasks, run_every=2 if polling else None)()
 
 # ---------------------------------------------------------------- upload
 st.subheader("Upload a prediction table")

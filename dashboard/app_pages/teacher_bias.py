@@ -19,6 +19,8 @@ SPLIT_LABELS = {"train": "Distillation data (train)", "test": "Held-out data (te
                 ALL: "All labelled rows"}
 ANY = -1
 MAX_SAMPLES = 24
+MAX_THUMBNAILS = 48
+GRID_COLUMNS = 8
 
 
 @st.cache_data(show_spinner="Analysing the teacher's predictions…", max_entries=16)
@@ -72,22 +74,27 @@ def bundle_images(token: str, split: str | None, _bundle) -> np.ndarray | None:
     return x.reshape(len(x), *shape[-2:]) if np.prod(shape) == x[0].size else None
 
 
-def clicked(key: str) -> list | None:
-    """customdata of the first point clicked in chart ``key``, once per new click."""
-    event = st.session_state.get(key)
-    points = (event or {}).get("selection", {}).get("points", []) if event else []
-    data = points[0].get("customdata") if points else None
-    if isinstance(data, dict):  # a typed array arrives as {"0": v0, "1": v1, ...}
-        data = [data[k] for k in sorted(data, key=int)]
-    try:
-        data = [int(v) for v in (data if isinstance(data, (list, tuple)) else [data])]
-    except (TypeError, ValueError):
-        data = None
-    seen = st.session_state.setdefault("bias_last_click", {})
-    if seen.get(key) == data:
-        return None
-    seen[key] = data
-    return data
+def sample_thumbnails(token: str, split: str | None, chosen, bundle, rows: np.ndarray
+                      ) -> list[bytes | None] | None:
+    """PNG thumbnails of rows ``rows`` of the ``chosen`` table (None where an image cannot be
+    read), or None when the source has no images: a bundle of images, or a predicted image
+    folder (``image_root``, its ``sample_id`` the path under it; CIFAR too)."""
+    if bundle is not None:
+        images = bundle_images(token, split, bundle)
+        return None if images is None else [state.array_thumbnail(images[r]) for r in rows]
+    if chosen.image_root and chosen.sample_id is not None:
+        return [state.thumbnail(chosen.image_root, str(chosen.sample_id[r])) for r in rows]
+    return None
+
+
+def show_thumbnails(pictures: list[bytes | None], captions: list[str]) -> None:
+    """A grid of thumbnails; a grey "missing" square where an image cannot be read."""
+    for start in range(0, len(pictures), GRID_COLUMNS):
+        cols = st.columns(GRID_COLUMNS)
+        for col, picture, caption in zip(cols, pictures[start:start + GRID_COLUMNS],
+                                         captions[start:start + GRID_COLUMNS], strict=False):
+            col.image(picture or state.missing_thumbnail(),
+                      caption=caption if picture else f"missing · {caption}", width="stretch")
 
 
 st.title("Teacher bias")
@@ -199,7 +206,7 @@ with c2:
 
 # a click sets the manual filter below (which also works without clicking)
 for key, fields in ((f"bias_bars_{split_choice}", 1), (f"bias_heatmap_{split_choice}", 2)):
-    data = clicked(key)
+    data = state.clicked(key, "bias_last_click")
     if data:
         st.session_state["bias_true"] = data[0]
         st.session_state["bias_pred"] = data[1] if fields == 2 else ANY
@@ -247,23 +254,30 @@ else:
     st.caption(f"{len(picked):,} samples match ({what}); showing the first {n_show}, the "
                "teacher's most confident first. Gold band: the true class. Bars are softened at "
                "the temperature above; 'sure' is the teacher's raw confidence.")
-    order = picked[np.argsort(-rep.confidence[picked], kind="stable")][:n_show]
+    ranked = picked[np.argsort(-rep.confidence[picked], kind="stable")]
+    order = ranked[:n_show]
     chosen = select(table, split)
+    grid = ranked[:MAX_THUMBNAILS]
+    pictures = sample_thumbnails(token, split, chosen, bundle, rows[grid])
+    if pictures is not None:
+        st.markdown(f"**The images** (showing {len(grid):,} of {len(picked):,}, the teacher's "
+                    "most confident first)")
+        show_thumbnails(pictures, [
+            f"true {names[rep.labels[s]]} · said {names[rep.predicted[s]]} · "
+            f"{rep.confidence[s]:.0%}" for s in grid])
     outputs = chosen.outputs[rows[order]]
     teacher_p = softened(outputs, probabilities=table.probabilities, temperature=temperature)
     rect_p = rectified(teacher_p, rep.labels[order])
-    images = bundle_images(token, split, bundle) if bundle is not None else None
     ids = chosen.sample_id[rows[order]] if chosen.sample_id is not None else rows[order]
     for start in range(0, n_show, 2):
-        cols = st.columns([1, 3, 1, 3] if images is not None else [1, 1])
+        cols = st.columns([1, 3, 1, 3] if pictures is not None else [1, 1])
         for j, i in enumerate(range(start, min(start + 2, n_show))):
             s = order[i]
             title = (f"#{ids[i]}: true {names[rep.labels[s]]}, teacher said "
                      f"{names[rep.predicted[s]]} ({rep.confidence[s]:.0%} sure)")
-            if images is not None:
-                cols[2 * j].plotly_chart(
-                    figures.image_grid(images[rows[s]][None], [""], cell_px=140),
-                    key=f"bias_img_{i}", width="stretch", config={"staticPlot": True})
+            if pictures is not None:
+                cols[2 * j].image(pictures[i] or state.missing_thumbnail(),
+                                  caption=None if pictures[i] else "missing", width="stretch")
                 target = cols[2 * j + 1]
             else:
                 target = cols[j]

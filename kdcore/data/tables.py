@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 from kdcore.errors import DataError
 
 __all__ = [
+    "IMAGE_ROOT_KEY",
     "SPLITS",
     "FileColumns",
     "PredictionTable",
@@ -56,6 +57,8 @@ __all__ = [
 ]
 
 SPLITS: tuple[str, ...] = ("train", "unlabelled", "test")
+# Parquet schema-metadata key holding the absolute image folder of a ``kdcore predict`` table.
+IMAGE_ROOT_KEY = "kdcore.image_root"
 LOGIT_PREFIX = "logit_"
 PROB_PREFIX = "prob_"
 PROB_TOLERANCE = 1e-3
@@ -103,6 +106,9 @@ class PredictionTable:
     split: np.ndarray | None
     sample_id: np.ndarray | None
     extra: pd.DataFrame | None
+    # Where the images of an image-folder table live (``kdcore predict`` stores it in the
+    # Parquet schema metadata under IMAGE_ROOT_KEY), so the drill-down can show them.
+    image_root: str | None = None
 
     @property
     def n_samples(self) -> int:
@@ -149,6 +155,7 @@ class PredictionTable:
             split=self.split[mask],
             sample_id=None if self.sample_id is None else self.sample_id[mask],
             extra=None if self.extra is None else self.extra[mask].reset_index(drop=True),
+            image_root=self.image_root,
         )
 
 
@@ -174,7 +181,7 @@ def read_prediction_table(
     df, layout = read_frame(
         source, display, lambda names: _plan_columns(names, display, extra), max_bytes=max_bytes
     )
-    return _build(df, layout, _Context(display))
+    return _build(df, layout, _Context(display, image_root=df.attrs.get(IMAGE_ROOT_KEY)))
 
 
 def validate_frame(
@@ -229,6 +236,7 @@ def iter_parquet_chunks(
         pf = pq.ParquetFile(str(p), pre_buffer=False)
         names = pf.schema_arrow.names
         n_rows = pf.metadata.num_rows
+        image_root = _image_root(pf.schema_arrow)
     except Exception as exc:
         raise _unreadable_parquet(display, exc) from None
     try:
@@ -238,7 +246,7 @@ def iter_parquet_chunks(
     except DataError:
         pf.close()
         raise
-    return _iter_chunks(pf, layout, display, batch_rows)
+    return _iter_chunks(pf, layout, display, batch_rows, image_root)
 
 
 # --------------------------------------------------------------------------------------------
@@ -546,10 +554,24 @@ def _parquet_frame(
             table = pf.read(columns=columns.to_read())
             table.validate(full=True)  # e.g. text that is not UTF-8 in a damaged file
             df = table.to_pandas()
+            root = _image_root(table.schema)
+            if root is not None:
+                df.attrs[IMAGE_ROOT_KEY] = root
         except Exception as exc:
             raise _unreadable_parquet(display, exc) from None
     del table
     return df, columns
+
+
+def _image_root(schema: pa.Schema) -> str | None:
+    """The image folder stored in a Parquet schema's metadata, if any (text, else None)."""
+    raw = (schema.metadata or {}).get(IMAGE_ROOT_KEY.encode())
+    if not raw:
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 def _csv_frame(
@@ -868,6 +890,7 @@ class _Context:
     offset: int = 0  # rows before this frame (chunked reads)
     state: _StreamState | None = None
     names: dict[str, str] = field(default_factory=dict)  # see validate_frame's column_names
+    image_root: str | None = None  # see PredictionTable.image_root
 
     def row(self, position: int) -> int:
         return self.offset + int(position) + 1
@@ -878,9 +901,9 @@ class _Context:
 
 
 def _iter_chunks(
-    pf: pq.ParquetFile, layout: _Layout, display: str, batch_rows: int
+    pf: pq.ParquetFile, layout: _Layout, display: str, batch_rows: int, image_root: str | None
 ) -> Iterator[PredictionTable]:
-    ctx = _Context(display, 0, _StreamState())
+    ctx = _Context(display, 0, _StreamState(), image_root=image_root)
     try:
         batches = pf.iter_batches(batch_size=batch_rows, columns=list(layout.columns))
         while True:
@@ -922,6 +945,7 @@ def _build(df: pd.DataFrame, layout: _Layout, ctx: _Context) -> PredictionTable:
         split=split,
         sample_id=sample_id,
         extra=extra,
+        image_root=ctx.image_root,
     )
 
 

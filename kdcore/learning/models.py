@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from kdcore.errors import DataError
+from kdcore.learning.vision import VISION_ARCHITECTURES, input_check
 
 
 def mlp(*, input_dim: int, hidden: list[int], n_classes: int) -> nn.Module:
@@ -52,7 +53,8 @@ def cnn(*, in_channels: int, n_classes: int, widths: list[int] | None = None) ->
     return nn.Sequential(*layers)
 
 
-ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn}
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn,
+                                                      **VISION_ARCHITECTURES}
 
 
 SIZE_OPTIONS = ("input_dim", "in_channels", "n_classes", "hidden", "widths")
@@ -133,7 +135,9 @@ def _cnn_input(rows: tuple[int, ...], *, in_channels: int, widths: list[int] | N
                         "give it fewer widths")
 
 
-INPUT_CHECKS: dict[str, Callable[..., None]] = {"mlp": _mlp_input, "cnn": _cnn_input}
+INPUT_CHECKS: dict[str, Callable[..., None]] = {
+    "mlp": _mlp_input, "cnn": _cnn_input,
+    **{name: input_check(name) for name in VISION_ARCHITECTURES}}
 
 
 def load_weights(model: nn.Module, file: Path, *, fix: str) -> nn.Module:
@@ -143,14 +147,25 @@ def load_weights(model: nn.Module, file: Path, *, fix: str) -> nn.Module:
     checked against the architecture and nothing is loaded. Every way the file can be wrong is
     one DataError line that ends with ``fix``.
     """
+    return fit_weights(model, read_weights(file, fix=fix), file, fix=fix)
+
+
+def read_weights(file: Path, *, fix: str) -> object:
+    """What ``torch.save`` wrote in ``file``, read with ``weights_only=True`` (tensors,
+    containers and numbers only, never code); a DataError ending with ``fix`` otherwise."""
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise DataError(f"{file}: not a plain state dict: it holds pickled objects, which could "
                         f"run code when loaded, so it is not loaded; {fix}") from None
     except Exception as exc:  # whatever torch raises for an unreadable file, it is bad input
         raise DataError(f"{file}: cannot read it ({type(exc).__name__}: "
                         f"{(str(exc).splitlines() or [''])[0]}); {fix}") from None
+
+
+def fit_weights(model: nn.Module, state: object, file: Path, *, fix: str) -> nn.Module:
+    """Load ``state`` (read from ``file``) into ``model`` once it is a state dict whose names
+    and shapes are the model's; only checked for a meta skeleton. A DataError otherwise."""
     if not isinstance(state, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise DataError(f"{file}: not a state dict of tensors; {fix}")
