@@ -577,6 +577,23 @@ def cmd_job(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- dashboard
 
 
+def cmd_label_check(args: argparse.Namespace) -> int:
+    """The dashboard's background label check: per-row verdicts of a bundle or table file."""
+    from kdcore.data.bundles import is_bundle, load_bundle
+    from kdcore.data.sources import bundle_features, bundle_table, load_predictions
+    from kdcore.store.label_checks import write_label_check
+
+    if is_bundle(args.source):
+        bundle = load_bundle(args.source)
+        table, features = bundle_table(bundle), bundle_features(bundle)
+    else:
+        table, features = load_predictions(args.source), None
+    meta = write_label_check(table, args.out, features=features)
+    found = sum(p["n_label_errors"] for p in meta["splits"].values())
+    say(f"wrote {args.out}: {found:,} likely label errors in {table.n_samples:,} rows")
+    return 0
+
+
 def cmd_dashboard(args: argparse.Namespace) -> NoReturn:
     """Become the Streamlit server of the app installed with kdcore (package kdcore_app, the
     repository's dashboard/). An exec, not a child process: stopping this process stops the
@@ -765,6 +782,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_id")
     p.add_argument("--workspace")
     p.add_argument("--max-jobs", type=int, help="jobs at once (default: one per core)")
+    p = sub.add_parser("label-check", description="Label errors vs teacher bias per row of a "
+                       "bundle or prediction table: the dashboard's background check.")
+    p.set_defaults(fn=cmd_label_check)
+    p.add_argument("source", help="a bundle folder or a CSV/Parquet prediction table")
+    p.add_argument("--out", required=True, help="the .npz file to write")
     return parser
 
 

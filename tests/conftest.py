@@ -81,3 +81,21 @@ def no_process_left_behind(tmp_path_factory):
     if left:
         pytest.fail("processes left behind by the tests (killed now): "
                     + "; ".join(f"{pid} {cmd[:120]}" for pid, cmd in left), pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def stop_background_tasks(tmp_path_factory):
+    """After each test, end the background tasks it started (a page's label check, a predict
+    from the Data page): they run in their own process group, so the runner and its command
+    go together. A test that needs a task's result waits for it inside the test."""
+    base = str(tmp_path_factory.getbasetemp())
+    yield
+    for pid, cmd in _processes_under(base):
+        if "kdcore.store.tasks" in cmd:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(
+            "kdcore.store.tasks" in cmd or "label-check" in cmd
+            for _, cmd in _processes_under(base)):
+        time.sleep(0.1)

@@ -182,7 +182,7 @@ DECISION_CARDS = ["Distil? (against labels alone)", "Best strategy", "Beats the 
 
 
 def _crafted_run(store: RunStore, bundle, strategy: str, seed: int, fix: float,
-                 breaks: float) -> str:
+                 breaks: float, epochs: int | None = 2) -> str:
     """A finished run without training: the student repeats the teacher, except that it fixes
     a share ``fix`` of the teacher's test mistakes and breaks a share ``breaks`` of its right
     answers (drawn from the seed). Metrics are computed from the saved predictions."""
@@ -200,7 +200,8 @@ def _crafted_run(store: RunStore, bundle, strategy: str, seed: int, fix: float,
     broken = ~wrong & (rng.random(len(pred)) < breaks)
     pred[broken] = (labels[broken] + 1) % k
     logits = np.eye(k, dtype=np.float32)[pred] * 4.0
-    config = TrainConfig.for_bundle(bundle, strategy=strategy, seed=seed, epochs=2).to_dict()
+    config = TrainConfig.for_bundle(bundle, strategy=strategy, seed=seed,
+                                    **({"epochs": epochs} if epochs else {})).to_dict()
     run_id = store.create(config)
     folder = store.artifact_dir(run_id)
     folder.mkdir(parents=True, exist_ok=True)
@@ -324,3 +325,148 @@ def test_results_page_when_labels_alone_win(ce_wins_home, monkeypatch):
     assert not overview.exception and not overview.error
     assert "Best: train on labels alone" in [m.label for m in overview.metric]
     assert overview.info[0].value.startswith("**Do not distil:**")
+
+
+# ---------------------------------------------------------------- the demo, filling in
+
+
+def _demo_home(home: Path, finished: dict[str, int]) -> Path:
+    """A workspace halfway through the demo: ``finished[strategy]`` seeds of each strategy done
+    (crafted, the demo's own configs), every other demo run queued."""
+    from kdcore.learning.strategies import DEFAULT_STRATEGIES
+
+    store, bundle = RunStore(home), load_bundle(None)
+    for seed in range(selection.DEMO_SEEDS):
+        for name in DEFAULT_STRATEGIES:
+            if seed < finished.get(name, 0):
+                _crafted_run(store, bundle, name, seed, fix=0.1 + 0.1 * seed, breaks=0.02,
+                             epochs=None)
+            else:
+                store.create(next(c for c in selection.demo_configs()
+                                  if c.strategy == name and c.seed == seed).to_dict(),
+                             queue=True)
+    store.close()
+    return home
+
+
+@pytest.fixture
+def no_job_start(monkeypatch):
+    """The page starts queued jobs; here the queued runs must stay queued."""
+    import kdcore.store.jobs
+
+    monkeypatch.setattr(kdcore.store.jobs, "start_queued", lambda *a, **k: [])
+
+
+def test_overview_waits_for_a_first_seed_of_every_strategy(tmp_path, monkeypatch, no_job_start):
+    home = _demo_home(tmp_path / "ws", {"ce": 1, "kd": 1})
+    monkeypatch.setenv("KDCORE_HOME", str(home))
+    at = page("overview").run()
+    assert not at.exception
+    assert [s.value for s in at.subheader] == ["No finished comparison yet"]
+    assert [m.label for m in at.metric] == ["Teacher accuracy on held-out data"]
+    assert not at.button  # no second demo while this one runs
+    progress = at.get("progress")[0].proto.text
+    assert "2 of 25 runs done" in progress and "23 queued" in progress, progress
+
+
+def test_overview_fills_in_with_one_seed_per_strategy(tmp_path, monkeypatch, no_job_start):
+    """Every strategy has its first seed: the headline shows, says "so far", the decision
+    says it cannot tell yet, and a single seed has no "± 0" spread anywhere."""
+    from kdcore.learning.strategies import DEFAULT_STRATEGIES
+
+    home = _demo_home(tmp_path / "ws", dict.fromkeys(DEFAULT_STRATEGIES, 1))
+    monkeypatch.setenv("KDCORE_HOME", str(home))
+    at = page("overview").run()
+    assert not at.exception
+    assert not at.subheader or "No finished comparison yet" not in at.subheader[0].value
+    labels = [m.label for m in at.metric]
+    assert any(label.startswith("Best") for label in labels), labels
+    assert any("over 1 seed so far" in c.value for c in at.caption), [c.value for c in at.caption]
+    assert at.info[0].value.startswith("**Cannot tell:**"), at.info[0].value
+    assert "5 of 25 runs done" in at.get("progress")[0].proto.text
+    best = next(m for m in at.metric if m.label.startswith("Best"))
+    assert "±" not in best.proto.help and "one seed" in best.proto.help
+    table = at.dataframe[0].value
+    assert table["± std (pts)"].isna().all()  # shown as "—", not "± 0"
+    assert table["accuracy (mean)"].between(1, 100).all()  # percent values, "%.1f%%"
+
+
+def test_results_page_one_seed_has_no_spread(tmp_path, monkeypatch, no_job_start):
+    from kdcore.learning.strategies import DEFAULT_STRATEGIES
+
+    home = _demo_home(tmp_path / "ws", dict.fromkeys(DEFAULT_STRATEGIES, 1))
+    monkeypatch.setenv("KDCORE_HOME", str(home))
+    at = page("results").run()
+    assert not at.exception
+    table = next(d.value for d in at.dataframe if "std" in d.value.columns)
+    assert table["std"].isna().all()
+
+
+def test_eta_from_finished_durations_and_parallel_jobs():
+    from datetime import datetime, timedelta, timezone
+
+    from kdcore.store.runs import Run
+
+    now = datetime.now(timezone.utc)
+
+    def run(status: str, took: float | None = None, step: int = 0, created: float = 0,
+            started: float = 0) -> Run:
+        """A run ``created`` / ``started`` seconds from now (negative: ago)."""
+        def at(seconds: float) -> str:
+            return (now + timedelta(seconds=seconds)).isoformat()
+
+        return Run(id=status, status=status, strategy="kd", seed=0, bundle=None, config={},
+                   metrics={}, error=None, created_at=at(created),
+                   started_at=at(started) if status != "queued" else None,
+                   finished_at=at(started + took) if took is not None else None,
+                   pid=None, host=None, step=step, total_steps=10, message="")
+
+    # durations: 15 s a run (runs finished before this queue), spread over the jobs
+    done = [run("done", 10.0, created=-900, started=-900), run("done", 20.0, created=-900,
+                                                                started=-880)]
+    queued = [run("queued", created=-5)] * 4
+    assert selection.eta_seconds(done, 2) is None  # nothing pending
+    assert selection.eta_seconds(queued, 2) is None  # nothing to go by
+    assert selection.eta_seconds(done + queued, 2) == pytest.approx(4 * 15 / 2)
+    assert selection.eta_seconds(done + queued[:1], 8) == pytest.approx(15.0)
+    # no finished run yet: the running one's pace, half trained in 10 s, so 10 s left
+    half = run("running", step=5, created=-10, started=-10)
+    assert selection.eta_seconds([half], 2) == pytest.approx(10.0, rel=0.05)
+    # throughput: 2.5 runs trained in the 100 s since the queue began (2 done, one half), 4.5
+    # runs of work left; it counts job start-up and a busy machine, which durations (10 s a
+    # run) miss
+    recent = [run("done", 10.0, created=-100, started=-50 + 10 * i) for i in range(2)]
+    pending = [run("queued", created=-100)] * 4 + [run("running", step=5, created=-100,
+                                                       started=-10)]
+    eta = selection.eta_seconds(recent + pending, 2)
+    assert eta == pytest.approx(4.5 * 100 / 2.5, rel=0.02)
+    assert eta > (4 * 10 + 5) / 2  # the durations' estimate
+
+
+def test_learning_curves_tell_strategies_apart():
+    import pandas as pd
+
+    from kdcore.learning.strategies import DEFAULT_STRATEGIES
+    from kdcore.value import figures
+
+    df = pd.DataFrame([{"strategy": n, "seed": s, "epoch": e, "test_accuracy": 0.8}
+                       for n in DEFAULT_STRATEGIES for s in range(2) for e in range(3)])
+    for per_seed in (False, True):
+        lines = [t for t in figures.learning_curves(df, per_seed=per_seed).data
+                 if t.mode == "lines" and t.showlegend is not False]
+        styles = {(t.line.color, t.line.dash) for t in lines}
+        dashes = {t.line.dash for t in lines}
+        assert len(lines) == len(DEFAULT_STRATEGIES) == len(styles)
+        assert len(dashes) == len(DEFAULT_STRATEGIES)  # apart without colour, too
+
+
+def test_accuracy_bars_say_one_seed_not_plus_minus_zero():
+    from kdcore.value import figures
+
+    summary = {"teacher_test_accuracy": 0.9, "strategies": {
+        "ce": {"mean": 0.88, "std": 0.01, "seeds": [0, 1]},
+        "kd": {"mean": 0.91, "std": 0.0, "seeds": [0]}}}
+    hover = dict(zip(*(figures.strategy_accuracy_bars(summary).data[0][k]
+                       for k in ("x", "hovertext")), strict=True))
+    assert hover["kd"] == "91.0%, one seed"
+    assert hover["ce"] == "88.0% ± 1.0% over 2 seeds"

@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -155,7 +156,11 @@ def test_overrides_follow_the_data_not_its_name(tmp_path, monkeypatch):
     monkeypatch.setenv("KDCORE_HOME", str(ws))
     at = AppTest.from_file(str(PAGE), default_timeout=90).run()
     at.radio(key="bias_split").set_value("train").run()
-    box = next(s for s in at.selectbox if str(s.key or "").startswith("bias_verdict_"))
+    deadline = time.monotonic() + 180  # the verdicts come from a task process, after the charts
+    while not _verdict_boxes(at) and not at.warning and time.monotonic() < deadline:
+        time.sleep(0.5)
+        at.run()
+    box = _verdict_boxes(at)[0]
     box.set_value(LABEL_ERROR).run()
     assert not at.exception
     sample = attach(TrainConfig.for_bundle(load_bundle(), strategy="kd+be+br+dl+lq"), ws)
@@ -176,6 +181,10 @@ def test_overrides_follow_the_data_not_its_name(tmp_path, monkeypatch):
                              text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout)["likely_label_errors"]["n_overridden"] == n_overridden
+
+
+def _verdict_boxes(at: AppTest) -> list:
+    return [s for s in at.selectbox if str(s.key or "").startswith("bias_verdict_")]
 
 
 def test_analyze_keeps_its_old_keys_without_label_quality():

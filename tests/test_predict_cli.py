@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -465,3 +466,22 @@ def test_predict_then_analyze_end_to_end_in_a_subprocess(assets, tmp_path):
                           capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["n_samples"] == 2 * len(CLASSES) * PER_CLASS
+
+
+def test_grey_images_of_mixed_sizes_stay_grey_when_resized(tmp_path, capsys):
+    """Grey images of two sizes, resized with --image-size, reach a one-channel teacher with
+    one channel (they were converted to RGB when the sizes differed)."""
+    rng = np.random.default_rng(1)
+    root = tmp_path / "grey"
+    for split in ("train", "test"):
+        for c in CLASSES:
+            for i in range(PER_CLASS):
+                _save_png(root / split / c / f"{i:03d}.png", rng, side=SIDE + 2 * (i % 2),
+                          mode="L")
+    torch.manual_seed(0)
+    grey = nn.Sequential(nn.Flatten(), nn.Linear(SIDE * SIDE, len(CLASSES))).eval()
+    model_file = _save_torchscript(grey, tmp_path / "grey.ts")
+    code, _, err = _run(capsys, "predict", str(root), "--model-file", str(model_file), "--out",
+                        str(tmp_path / "p.parquet"), "--image-size", str(SIDE), "--quiet")
+    assert code == 0, err
+    assert len(pd.read_parquet(tmp_path / "p.parquet")) == 2 * len(CLASSES) * PER_CLASS

@@ -210,8 +210,11 @@ if uploads:
             c3.metric("Classes", table.n_classes)
             counts = (pd.Series(table.split).value_counts().reindex(table.splits)
                       if table.split is not None else None)
-            c4.metric("Splits", ", ".join(f"{s} {n:,}" for s, n in counts.items())
-                      if counts is not None else "none (all rows analysed together)")
+            # Not a metric: its value is cut off at the column's width ("train 30, unl…");
+            # markdown wraps, so every split's count stays readable.
+            c4.caption("Splits")
+            c4.markdown("  \n".join(f"**{s}** {n:,}" for s, n in counts.items())
+                        if counts is not None else "none (all rows analysed together)")
             if c5.button("Remove", key=f"data_remove_{label}"):
                 state.forget_upload(label)
                 st.rerun()

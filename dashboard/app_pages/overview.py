@@ -158,11 +158,11 @@ m2.metric("Best: train on labels alone" if best_name == CE else f"Best student: 
           f"{best['mean']:.1%}",
           delta=(f"{(best['mean'] - teacher) * 100:+.1f} pts vs teacher"
                  if teacher is not None else None),
-          help=(f"Mean held-out accuracy over {n_seeds} seeds (± {best['std'] * 100:.1f} pts), "
-                if n_seeds > 1 else "Held-out accuracy of one seed so far (no spread yet), ")
-               + 
-               "last epoch: the decision's best strategy, ce (the student trained on the labels "
-               "alone, no teacher) included; the student the ROI page and the report measure.")
+          help=(f"Mean held-out accuracy over {n_seeds} seeds (± {best['std'] * 100:.1f} pts)"
+                if n_seeds > 1 else "Held-out accuracy of one seed so far (no spread yet)")
+               + ", last epoch: the decision's best strategy, ce (the student trained on the "
+               "labels alone, no teacher) included; the student the ROI page and the report "
+               "measure.")
 vs_ce = decision.get("delta_vs_ce")
 if vs_ce:
     ci, level = vs_ce.get("ci95"), decision.get("ci_level") or 0.95

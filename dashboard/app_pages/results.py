@@ -250,7 +250,7 @@ def render_comparison(summary: dict, best_name: str) -> None:
             "strategy": name,
             "seeds": len(entry["seeds"]),
             "accuracy": 100 * entry["mean"],
-            "std": 100 * entry["std"],
+            "std": 100 * entry["std"] if len(entry["seeds"]) > 1 else nan,  # one seed: "—"
             "best_epoch": 100 * entry["best_epoch_mean"],
             "delta": nan if delta is None or name == BASELINE else 100 * delta["mean"],
             "interval": (f"{100 * ci[0]:+.1f} to {100 * ci[1]:+.1f}"
@@ -273,7 +273,9 @@ def render_comparison(summary: dict, best_name: str) -> None:
             "accuracy": st.column_config.NumberColumn(
                 "Accuracy (last epoch)", format="%.1f%%",
                 help="Mean over seeds of the accuracy at the end of training."),
-            "std": st.column_config.NumberColumn("± std", format="%.1f"),
+            "std": st.column_config.NumberColumn(
+                "± std (points)", format="%.1f",
+                help="Standard deviation over seeds; — with one seed (no spread)."),
             "best_epoch": st.column_config.NumberColumn(
                 "Best epoch (optimistic)", format="%.1f%%", help=BEST_EPOCH_NOTE),
             "delta": st.column_config.NumberColumn(
@@ -630,7 +632,7 @@ def render_run_table(runs: list[Run]) -> None:
             "best_test_accuracy": st.column_config.NumberColumn(
                 "Best epoch (optimistic)", format="%.1f%%", help=BEST_EPOCH_NOTE),
             "bias_inheritance": st.column_config.NumberColumn(
-                "Mistakes copied", format="%.0f%%",
+                "Mistakes copied", format="%.1f%%",
                 help="Share of the teacher's test mistakes the student repeats."),
             "duration_s": st.column_config.NumberColumn("Took", format="%.1f s"),
             "error": "Error", "id": "Run id",

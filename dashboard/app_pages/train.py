@@ -246,8 +246,10 @@ def render_recent(store: RunStore) -> None:
             "seed": "Seed",
             "status": "Status",
             "test_accuracy": st.column_config.NumberColumn("Test accuracy", format="%.1f%%"),
-            "duration_s": st.column_config.NumberColumn("Took", format="%.0f s"),
-            "error": "Error",
+            # Explicit widths: auto-sizing from the first rows cut "Took" off beside a long
+            # error message.
+            "duration_s": st.column_config.NumberColumn("Took", format="%.0f s", width=80),
+            "error": st.column_config.TextColumn("Error", width="large"),
             "id": "Run id",
         })
     for run in runs:

@@ -118,9 +118,14 @@ class LabelQuality:
         """Set the verdict of teacher-wrong rows whose key has an override (in place)."""
         if not overrides or self.keys is None:
             return self
+        rows = [i for i, key in enumerate(self.keys) if str(key) in overrides]
+        return self.override_at(rows, [overrides[str(self.keys[i])] for i in rows])
+
+    def override_at(self, rows, verdicts) -> LabelQuality:
+        """Set the verdicts of rows ``rows`` (positions) where they are teacher-wrong (in
+        place): for a caller that maps the override keys to rows itself (a large table)."""
         wrong = self.teacher_wrong
-        for i, key in enumerate(self.keys):
-            verdict = overrides.get(str(key))
+        for i, verdict in zip(rows, verdicts, strict=True):
             if verdict in VERDICTS and wrong[i]:
                 self.likely_label_error[i] = verdict == LABEL_ERROR
                 self.overridden[i] = True

@@ -348,8 +348,7 @@ def predict_path(images: str | Path, out: str | Path, *, arch: str | None = None
     _check_out(Path(out))
     source = open_images(images)
     if preprocess.channels is None:  # the source's own (grey or RGB), which the model must take
-        shape = source.image_shape
-        preprocess = replace(preprocess, channels=int(shape[0]) if shape else 3)
+        preprocess = replace(preprocess, channels=source.channels)  # known with mixed sizes too
     predictor = load_predictor(arch=arch, weights=weights, model_file=model_file,
                                n_classes=len(source.class_names),
                                in_channels=preprocess.channels, threads=threads)

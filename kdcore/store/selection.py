@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -50,10 +51,17 @@ def pending(runs: Sequence[Run]) -> list[Run]:
 
 def eta_seconds(runs: Sequence[Run], parallel: int) -> float | None:
     """Seconds until the queued and running runs among ``runs`` are done, so a presenter knows
-    how long to wait: a run takes the finished runs' mean duration (before any has finished,
-    the running ones' pace: elapsed over the share trained), a running one has its untrained
-    share left, and the work is spread over ``parallel`` jobs (no more than runs left). None
-    when nothing is pending or there is no duration to go by yet."""
+    how long to wait. Two estimates, the larger wins:
+
+    - durations: a run takes the finished runs' mean duration (before any has finished, the
+      running ones' pace: elapsed over the share trained), a running one has its untrained
+      share left, and the work is spread over ``parallel`` jobs (no more than runs left);
+    - throughput: the runs done since the oldest pending run was queued (plus the shares the
+      running ones have trained), over the time since then. It also counts what durations
+      leave out: each job process's start-up (importing torch) and a machine busy with other
+      work.
+
+    None when nothing is pending or there is nothing to go by yet."""
     left = pending(runs)
     if not left:
         return None
@@ -61,12 +69,21 @@ def eta_seconds(runs: Sequence[Run], parallel: int) -> float | None:
     if not took:
         took = [r.duration_s / r.fraction for r in left if r.status == "running"
                 and r.duration_s and (r.fraction or 0.0) >= 0.05]
-    if not took:
-        return None
-    per_run = float(np.mean(took))
-    work = sum(per_run * (1.0 - (r.fraction or 0.0)) if r.status == "running" else per_run
-               for r in left)
-    return work / max(1, min(parallel, len(left)))
+    units = sum(1.0 - (r.fraction or 0.0) if r.status == "running" else 1.0 for r in left)
+    estimates = []
+    if took:
+        estimates.append(float(np.mean(took)) * units / max(1, min(parallel, len(left))))
+    since = min(_when(r.created_at) for r in left)
+    done = sum(r.status == "done" and r.finished_at is not None and _when(r.finished_at) >= since
+               for r in runs) + sum(r.fraction or 0.0 for r in left if r.status == "running")
+    elapsed = (datetime.now(timezone.utc) - since).total_seconds()
+    if done >= 0.5 and elapsed > 0:  # less is too noisy
+        estimates.append(units * elapsed / done)
+    return max(estimates) if estimates else None
+
+
+def _when(iso: str) -> datetime:
+    return datetime.fromisoformat(iso)
 
 
 def on_bundle(runs: Sequence[Run], path: str | Path) -> list[Run]:

@@ -17,10 +17,12 @@ This module imports neither torch nor the run store: pages may import it.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -82,7 +84,7 @@ def start_task(argv: Sequence[str], *, output: str | Path,
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / ".lock").open("a") as lock:  # one launcher at a time per key
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if task_status(task).state != "failed":  # running, or its output is there
+        if _status(task, grace_s=0).state != "failed":  # running, or its output is there
             return task
         for name in (_PID, _EXIT, _LOG):
             (folder / name).unlink(missing_ok=True)
@@ -98,13 +100,27 @@ def start_task(argv: Sequence[str], *, output: str | Path,
     return task
 
 
+NICENESS = 10  # a task's command runs at this lower CPU priority (inherited by its process)
+STARTING_S = 30.0  # a task folder without a process yet counts as starting for this long
+
+
 def task_status(task: Task) -> TaskStatus:
-    """running (its runner lives), done (its output exists: written whole, or not at all, by
-    the command) or failed (the exit status and the command's last line of output)."""
+    """running (its runner lives, or it is being started), done (its output exists: written
+    whole, or not at all, by the command) or failed (the exit status and the command's last
+    line of output)."""
+    return _status(task, grace_s=STARTING_S)
+
+
+def _status(task: Task, *, grace_s: float) -> TaskStatus:
     started = float(_read_json(task.folder / _SPEC).get("started", time.time()))
     pid = _read(task.folder / _PID)
     if pid is not None and _alive(int(pid)):  # (which reaps it once it ended)
         return TaskStatus("running", last_line(task.log), time.time() - started)
+    if (pid is None and _read(task.folder / _EXIT) is None and not task.output.is_file()
+            and time.time() - _mtime(task.folder, default=0.0) < grace_s):
+        # A launcher made the folder and is starting the process (or a page's thread is
+        # about to): not a failure yet.
+        return TaskStatus("running", "starting", 0.0)
     code = _read(task.folder / _EXIT)
     seconds = max(0.0, _mtime(task.folder / _EXIT, default=started) - started)
     if code in (None, "0") and task.output.is_file():  # None: made by someone else (analyze)
@@ -114,6 +130,33 @@ def task_status(task: Task) -> TaskStatus:
                           f"see {task.log}" if pid else "it was never started", seconds)
     line = last_line(task.log) or "no output"
     return TaskStatus("failed", f"exit {code}: {line}", seconds)
+
+
+def stop_task(task: Task, *, wait_s: float = 5.0) -> bool:
+    """End a running task: its runner's process group (the runner and its command), waiting
+    up to ``wait_s`` for them to go. True when one was running. Its output, written whole or
+    not at all, is not there then; asking for the task again starts it anew."""
+    pid = _read(task.folder / _PID)
+    if pid is None or not _alive(int(pid)):
+        return False
+    try:
+        os.killpg(int(pid), signal.SIGTERM)  # start_new_session: the runner leads its group
+    except (ProcessLookupError, PermissionError):
+        return False
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and (_alive(int(pid)) or _group_alive(int(pid))):
+        time.sleep(0.05)
+    return True
+
+
+def stop_tasks(workspace: str | Path | None = None) -> int:
+    """Stop every running task of a workspace (a test's teardown, a shutdown); how many."""
+    folder = resolve_workspace(workspace, create=False) / TASKS_DIR
+    if not folder.is_dir():
+        return 0
+    found = [Task(key=f.name, folder=f, output=Path(_read_json(f / _SPEC).get("output", f)))
+             for f in folder.iterdir() if f.is_dir()]
+    return sum(stop_task(t) for t in found)
 
 
 def last_line(path: Path, *, max_bytes: int = 4096) -> str:
@@ -230,6 +273,14 @@ def _alive(pid: int) -> bool:
     return not zombie
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
 def _reap(pid: int) -> bool:
     """Reap ``pid`` if it is an ended child of this process (the app's runners); True then."""
     try:
@@ -242,6 +293,8 @@ def _run(folder: Path) -> int:
     """The runner: the task's command with its output in the log, then its exit status."""
     spec = json.loads((folder / _SPEC).read_text())
     code = 1
+    with contextlib.suppress(OSError):  # background work yields the cores to the app in use:
+        os.nice(NICENESS)               # the page and the browser drawing it come first
     try:
         with (folder / _LOG).open("ab") as log:
             code = subprocess.call(spec["argv"], stdin=subprocess.DEVNULL, stdout=log,

@@ -55,6 +55,12 @@ def _plain(text: object) -> str:
     return html.escape(str(text), quote=False)
 
 
+def count_axis(top: float) -> dict:
+    """Axis (or colour bar) settings for counts of samples: whole numbers only, so a small
+    count never reads "0.5 samples" nor ticks "0, 1, 1, 2" (one tick per unit up to 10)."""
+    return dict(tickformat=",d", dtick=1) if top <= 10 else dict(tickformat=",d")
+
+
 def _finish(fig: go.Figure, title: str, *, height: int | None = None) -> go.Figure:
     fig.update_layout(
         title=dict(text=_plain(title), x=0, xanchor="left"),
@@ -105,14 +111,14 @@ def bias_rate_bars(per_class: pd.DataFrame) -> go.Figure:
             hovertext=hover, hoverinfo="text"), row=1, col=1)
         fig.add_trace(go.Bar(
             x=classes, y=le, name="likely label errors", marker_color=LABEL_ERROR,
-            text=[f"{r:.0%}" if s else "" for r, s in zip(rate0, support, strict=True)],
+            text=[f"{r:.1%}" if s else "" for r, s in zip(rate0, support, strict=True)],
             textposition="outside", customdata=idx, hovertext=hover, hoverinfo="text",
         ), row=1, col=1)
         fig.update_layout(barmode="stack")
     else:
         fig.add_trace(go.Bar(
             x=classes, y=rate, name="bias rate (share wrong)", marker_color=WRONG,
-            text=[f"{r:.0%}" if s else "" for r, s in zip(rate0, support, strict=True)],
+            text=[f"{r:.1%}" if s else "" for r, s in zip(rate0, support, strict=True)],
             textposition="outside", customdata=idx, hovertext=hover, hoverinfo="text",
         ), row=1, col=1)
     fig.add_trace(go.Bar(
@@ -124,7 +130,7 @@ def bias_rate_bars(per_class: pd.DataFrame) -> go.Figure:
     fig.update_yaxes(title_text="teacher wrong", tickformat=".0%",
                      range=[0, max(top * 1.25, 0.05)], row=1, col=1)
     fig.update_yaxes(title_text="samples", range=[0, max(support.max(initial=0) * 1.35, 1)],
-                     row=2, col=1)
+                     row=2, col=1, **count_axis(support.max(initial=0)))
     fig.update_xaxes(title_text="true class", type="category", row=2, col=1)
     fig.update_layout(bargap=0.25, clickmode="event+select")
     return _finish(fig, "Where the teacher is wrong: share of each class it misclassifies",
@@ -170,7 +176,8 @@ def error_confusion_heatmap(error_confusion, class_names: Sequence[str],
         z=z, x=names, y=names, text=text, texttemplate="%{text}", hovertext=hover,
         hoverinfo="text", colorscale=ERROR_SCALE, zmin=0, xgap=1, ygap=1,
         colorbar=dict(title="share" if normalise else "samples",
-                      tickformat=".0%" if normalise else "d"),
+                      **(dict(tickformat=".0%") if normalise
+                         else count_axis(np.nanmax(z, initial=0)))),
     ))
     ti, pj = np.nonzero(counts > 0)
     fig.add_trace(go.Scatter(
@@ -211,11 +218,11 @@ def top_confusions_bar(top_confusions: pd.DataFrame, limit: int = 10) -> go.Figu
     counts, shares = df["count"].tolist(), df["share"].tolist()
     fig = go.Figure(go.Bar(
         x=counts, y=labels, orientation="h", marker_color=WRONG,
-        text=[f"{c} ({s:.0%} of all mistakes)" for c, s in zip(counts, shares, strict=True)],
+        text=[f"{c} ({s:.1%} of all mistakes)" for c, s in zip(counts, shares, strict=True)],
         textposition="auto", hoverinfo="text",
         hovertext=[f"{lab}: {c} samples" for lab, c in zip(labels, counts, strict=True)],
     ))
-    fig.update_xaxes(title_text="samples")
+    fig.update_xaxes(title_text="samples", **count_axis(max(counts, default=0)))
     fig.update_yaxes(title_text="")
     return _finish(fig, "The teacher's most frequent mistakes",
                    height=max(220, 60 + 32 * len(df)))
@@ -321,6 +328,19 @@ def strategy_colours(names: Sequence[str], highlight: str | None = None) -> dict
             for n in names}
 
 
+# Line styles that tell strategies apart where colour alone does not (the bias-aware variants'
+# curves lie on top of each other, and two of their colours are greens).
+DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
+STRATEGY_DASHES = {"ce": "dot", "kd": "solid", "kd+be": "dash", "kd+be+br": "dashdot",
+                   "kd+be+br+dl": "longdash", "btkd": "longdashdot", "dkd": "dash"}
+
+
+def strategy_dashes(names: Sequence[str]) -> dict[str, str]:
+    """The line dash of each strategy, fixed per name like :func:`strategy_colours`."""
+    return {n: STRATEGY_DASHES.get(str(n)) or DASHES[zlib.crc32(str(n).encode()) % len(DASHES)]
+            for n in names}
+
+
 def per_class_before_after(per_class: pd.DataFrame, *, title: str | None = None,
                            highlight: str | None = None) -> go.Figure:
     """Grouped bars of per-class accuracy: column ``class``, then one column per model.
@@ -376,9 +396,9 @@ def strategy_accuracy_bars(summary: dict, highlight: str | None = None) -> go.Fi
         marker_color=list(strategy_colours(names, highlight).values()),
         error_y=dict(type="data", array=stds, visible=True, color=TEACHER),
         text=[f"{m:.1%}" for m in means], textposition="inside", insidetextanchor="start",
-        customdata=np.stack([means, stds, seeds], 1) if rows else None,
-        hovertemplate=("%{x}: %{customdata[0]:.1%} ± %{customdata[1]:.1%} over "
-                       "%{customdata[2]} seeds<extra></extra>")))
+        hovertext=[f"{m:.1%} ± {sd:.1%} over {n} seeds" if n > 1 else f"{m:.1%}, one seed"
+                   for m, sd, n in zip(means, stds, seeds, strict=True)],  # no "± 0%"
+        hovertemplate="%{x}: %{hovertext}<extra></extra>"))
     if teacher is not None:
         fig.add_hline(y=teacher, line_dash="dash", line_color=TEACHER,
                       annotation_text=f"teacher {teacher:.1%}", annotation_position="top left")
@@ -675,7 +695,7 @@ def learning_curves(df: pd.DataFrame, *, per_seed: bool = False, metric: str = "
     """
     fig = go.Figure()
     names = strategy_order(list(df["strategy"].unique())) if len(df) else []
-    colours = strategy_colours(names, highlight)
+    colours, dashes = strategy_colours(names, highlight), strategy_dashes(names)
     for name in names:
         colour = colours[name]
         part = df[df["strategy"] == name]
@@ -683,7 +703,8 @@ def learning_curves(df: pd.DataFrame, *, per_seed: bool = False, metric: str = "
             for j, (seed, run) in enumerate(part.groupby("seed", sort=True)):
                 fig.add_trace(go.Scatter(
                     x=run["epoch"] + 1, y=run[metric], mode="lines", name=name,
-                    line=dict(color=colour, width=1.5), legendgroup=name, showlegend=j == 0,
+                    line=dict(color=colour, width=1.5, dash=dashes[name]), legendgroup=name,
+                    showlegend=j == 0,
                     hovertemplate=f"{name}, seed {seed}, epoch %{{x}}: %{{y:.1%}}"
                                   "<extra></extra>"))
             continue
@@ -694,7 +715,8 @@ def learning_curves(df: pd.DataFrame, *, per_seed: bool = False, metric: str = "
             fill="toself", fillcolor=colour, opacity=0.15, line=dict(width=0),
             legendgroup=name, showlegend=False, hoverinfo="skip"))
         fig.add_trace(go.Scatter(
-            x=x, y=band["mean"], mode="lines", name=name, line=dict(color=colour, width=2),
+            x=x, y=band["mean"], mode="lines", name=name,
+            line=dict(color=colour, width=2.5, dash=dashes[name]),
             legendgroup=name,
             hovertemplate=f"{name}, epoch %{{x}}: %{{y:.1%}} (mean)<extra></extra>"))
     fig.update_xaxes(title_text="epoch")
