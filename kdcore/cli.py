@@ -84,13 +84,17 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     images = _image_predictions(args)  # an image folder: predict first (cached), then analyze
     path = args.path if images is None else str(images)
     stream = args.stream or None
-    overrides = ({} if should_stream(path, stream)  # streamed: no label check to apply
-                 else overrides_for(args.workspace, path))
-    doc = analyze_path(path, split=args.split, top=args.top, stream=stream,
-                       overrides=overrides)
+    if args.label_column or args.teacher_logits:  # features + labels, logits maybe elsewhere
+        doc = _analyze_tabular(args)
+    else:
+        overrides = ({} if should_stream(path, stream)  # streamed: no label check to apply
+                     else overrides_for(args.workspace, path))
+        doc = analyze_path(path, split=args.split, top=args.top, stream=stream,
+                           overrides=overrides)
     doc.setdefault("likely_label_errors", dict(STREAMED_LABEL_QUALITY))
     if images is not None:
         doc["source"], doc["predictions"] = Path(args.path).name, str(images)
+    doc["headline_split"] = headline_split(doc, args.split)
     if args.json:
         emit_json(doc)
         return 0
@@ -106,23 +110,83 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                 f"{_pct(part['teacher_accuracy'])} ({part['meaning']})")
     if "teacher_accuracy" not in doc:
         return 0
-    say(f"\nTeacher accuracy {_pct(doc['teacher_accuracy'])}, bias rate {_pct(doc['bias_rate'])}"
-        f" on {'all labelled rows' if not args.split else args.split}\n")
-    per_class = pd.DataFrame(doc["per_class"])[
-        ["class", "support", "teacher_accuracy", "bias_rate", "most_confused_with"]].fillna("-")
-    say(per_class.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    lq = doc["likely_label_errors"]
-    if lq.get("available"):
-        say(f"\nOf {lq['n_teacher_wrong']} teacher mistakes, {lq['count']} look like label "
-            f"errors (the teacher is probably right) and {lq['n_teacher_wrong'] - lq['count']} "
-            f"like teacher bias ({lq['method']}).")
-    else:
-        say(f"\nLabel errors vs teacher bias: not assessed ({lq['reason']}).")
-    if doc["top_confusions"]:
+    head = doc["splits"][doc["headline_split"]] if doc["headline_split"] in doc.get(
+        "splits", {}) else doc
+    where = {"all": "all labelled rows", "test": "held-out rows (test)",
+             "train": "distillation rows (train)"}.get(doc["headline_split"],
+                                                        doc["headline_split"])
+    say(f"\nTeacher accuracy {_pct(head['teacher_accuracy'])}, bias rate "
+        f"{_pct(head['bias_rate'])} on {where}"
+        + (f"; on all labelled rows {_pct(doc['teacher_accuracy'])}"
+           if head is not doc else "") + "\n")
+    per_class = pd.DataFrame(head["per_class"])[
+        ["class", "support", "teacher_accuracy", "bias_rate", "most_confused_with"]]
+    for column in ("teacher_accuracy", "bias_rate"):
+        per_class[column] = per_class[column].map(_pct)
+    say(per_class.rename(columns={"teacher_accuracy": "teacher accuracy",
+                                  "bias_rate": "bias rate",
+                                  "most_confused_with": "most confused with"})
+        .fillna("-").to_string(index=False))
+    say("\n" + label_error_sentence(doc))
+    if head["top_confusions"]:
         say("\nTop confusions (true -> teacher's prediction):")
-        say(pd.DataFrame(doc["top_confusions"]).to_string(
-            index=False, float_format=lambda v: f"{v:.3f}"))
+        top = pd.DataFrame(head["top_confusions"])
+        top["share"] = top["share"].map(_pct)
+        say(top.to_string(index=False))
     return 0
+
+
+def _analyze_tabular(args: argparse.Namespace) -> dict:
+    """``analyze FILE --label-column C [--teacher-logits LOGITS]``: a features file read the way
+    ``train`` and ``compare`` read it, its features used for the label-error check."""
+    from kdcore.analysis.analyzer import analyze
+    from kdcore.data.bundles import load_dataset
+    from kdcore.data.sources import bundle_features, bundle_table, source_key
+    from kdcore.store.overrides import load_overrides
+
+    if args.path is None:
+        raise DataError("--label-column and --teacher-logits describe a CSV/Parquet file; "
+                        "give its path")
+    dataset = load_dataset(args.path, label_column=args.label_column,
+                           teacher_logits=args.teacher_logits, split_column=args.split_column,
+                           test_size=args.test_size, split_seed=args.split_seed)
+    table = bundle_table(dataset)
+    return analyze(table, split=args.split, top=args.top, label_quality=True,
+                   features=bundle_features(dataset),
+                   overrides=load_overrides(args.workspace, source_key(table)))
+
+
+def headline_split(doc: dict, chosen: str | None) -> str:
+    """The rows the headline numbers cover, the dashboard's default too: the split asked for,
+    else the held-out rows (test) when there are labelled ones, else all labelled rows."""
+    if chosen:
+        return chosen
+    test = doc.get("splits", {}).get("test", {})
+    return "test" if test.get("labelled", True) and test.get("n_samples") else "all"
+
+
+def label_error_sentence(doc: dict) -> str:
+    """How many teacher mistakes look like label errors, counting only the mistakes that were
+    assessed, and naming the rows that were not."""
+    parts = doc.get("splits") or {doc.get("split") or "all": doc}
+    assessed = {n: p["likely_label_errors"] for n, p in parts.items()
+                if (p.get("likely_label_errors") or {}).get("available")}
+    skipped = [n for n, p in parts.items()
+               if p.get("labelled", True) and n not in assessed]
+    if not assessed:
+        reason = (doc.get("likely_label_errors") or {}).get("reason") or "no assessment"
+        return f"Label errors vs teacher bias: not assessed ({reason})."
+    wrong = sum(lq["n_teacher_wrong"] for lq in assessed.values())
+    flagged = sum(lq["count"] for lq in assessed.values())
+    method = next(iter(assessed.values()))["method"]
+    rows = "" if len(parts) == 1 else f" on the {' and '.join(assessed)} rows"
+    text = (f"Of {wrong} teacher mistakes{rows}, {flagged} look like label errors (the teacher "
+            f"is probably right) and {wrong - flagged} like teacher bias ({method}).")
+    if skipped:
+        reason = parts[skipped[0]].get("likely_label_errors", {}).get("reason", "")
+        text += (f" The {' and '.join(skipped)} rows were not assessed"
+                 + (f": {reason}" if reason else "") + ".")
+    return text
 
 
 # ----------------------------------------------------------------------------- images
@@ -704,6 +768,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "or 200 MB of decompressed outputs)")
     p.add_argument("--json", action="store_true")
     image_options(p)
+    t = p.add_argument_group("a features file (CSV/Parquet) with labels, as train and compare "
+                             "read it")
+    t.add_argument("--label-column", help="the column with each row's class")
+    t.add_argument("--teacher-logits", metavar="PATH",
+                   help="a file of sample_id + logit_<class> columns, joined on sample_id "
+                        "(default: logit_<class> columns in the data file)")
+    t.add_argument("--split-column", help="the column with train/unlabelled/test (default: "
+                                          "split; without it, a stratified random split)")
+    t.add_argument("--test-size", type=float,
+                   help="share of each class held out as test without a split column (0.3)")
+    t.add_argument("--split-seed", type=int, help="seed of that random split (default: 0)")
 
     p = command("train", cmd_train, "train one student and record the run", quiet=True)
     p.add_argument("bundle", nargs="?",

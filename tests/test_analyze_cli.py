@@ -92,3 +92,78 @@ def test_a_closed_pipe_ends_quietly_with_status_0():
                               text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
         assert proc.stderr == ""
+
+
+def _iris_files(folder):
+    """A features file (sample_id, f0..f3, species) and the teacher's logits in another file."""
+    from sklearn.datasets import load_iris
+
+    x, y = load_iris(return_X_y=True)
+    ids = [f"r{i}" for i in range(len(y))]
+    features = pd.DataFrame(x, columns=[f"f{i}" for i in range(4)])
+    features.insert(0, "sample_id", ids)
+    features["species"] = y
+    logits = np.eye(3)[y] * 3 + np.random.default_rng(0).normal(0, 1.5, (len(y), 3))
+    teacher = pd.DataFrame(logits, columns=[f"logit_{c}" for c in range(3)])
+    teacher.insert(0, "sample_id", ids)
+    features.to_csv(folder / "features.csv", index=False)
+    teacher.to_csv(folder / "logits.csv", index=False)
+    return folder / "features.csv", folder / "logits.csv", y, logits
+
+
+def test_analyze_takes_a_features_file_and_a_logits_file_like_compare(tmp_path):
+    features, logits_file, y, logits = _iris_files(tmp_path)
+    out = _analyze(str(features), "--label-column", "species", "--teacher-logits",
+                   str(logits_file), "--json", "--workspace", str(tmp_path / "ws"))
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["n_samples"] == len(y)
+    assert abs(doc["teacher_accuracy"] - float((logits.argmax(1) == y).mean())) < 1e-9
+    assert doc["likely_label_errors"]["available"]  # the features feed the label check
+
+
+def test_a_features_file_without_logits_says_the_logits_are_missing(tmp_path):
+    features, *_ = _iris_files(tmp_path)
+    out = _analyze(str(features))
+    assert out.returncode == 2
+    assert "no teacher-output columns" in out.stderr and "--teacher-logits" in out.stderr
+    assert "'label'" not in out.stderr
+
+
+def test_the_headline_is_the_held_out_split_as_on_the_dashboard():
+    """One headline split for the CLI and the dashboard (held-out rows when there are any),
+    said next to the number; shares in the text are percentages with one decimal; the
+    label-error sentence counts only the mistakes that were assessed."""
+    doc = json.loads(_analyze("--json").stdout)
+    assert doc["headline_split"] == "test"
+    test = doc["splits"]["test"]
+    text = _analyze().stdout
+    assert (f"Teacher accuracy {test['teacher_accuracy'] * 100:.1f}%, bias rate "
+            f"{test['bias_rate'] * 100:.1f}% on held-out rows (test)") in text
+    assert f"on all labelled rows {doc['teacher_accuracy'] * 100:.1f}%" in text
+    assert "0.3" not in text.split("Teacher accuracy", 1)[1].split("Of ", 1)[0]  # no proportions
+    assessed = sum(p["likely_label_errors"]["n_teacher_wrong"] for p in doc["splits"].values()
+                   if (p.get("likely_label_errors") or {}).get("available"))
+    assert f"Of {assessed} teacher mistakes" in text
+
+
+def test_the_label_error_count_covers_only_the_assessed_rows(tmp_path):
+    """A prediction table has no features: its train rows cannot be assessed, so the text
+    counts the test rows' mistakes only and says the train rows were not assessed."""
+    bundle = load_bundle()
+    frames = []
+    for split in ("train", "test"):
+        frame = pd.DataFrame(bundle.teacher_logits(split),
+                             columns=[f"logit_{c}" for c in bundle.class_names])
+        frame.insert(0, "label", bundle.y(split))
+        frame.insert(0, "split", split)
+        frames.append(frame)
+    path = tmp_path / "preds.csv"
+    pd.concat(frames).to_csv(path, index=False)
+    doc = json.loads(_analyze(str(path), "--json").stdout)
+    test = doc["splits"]["test"]["likely_label_errors"]
+    assert not doc["splits"]["train"]["likely_label_errors"]["available"]
+    text = _analyze(str(path)).stdout
+    assert f"Of {test['n_teacher_wrong']} teacher mistakes on the test rows" in text
+    assert "The train rows were not assessed" in text
+    assert f"Of {doc['likely_label_errors']['n_teacher_wrong']} teacher mistakes," not in text

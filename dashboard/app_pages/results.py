@@ -118,28 +118,6 @@ def median_run(runs: list[Run]) -> Run:
     return ordered[(len(ordered) - 1) // 2]
 
 
-def clicked(key: str) -> list | None:
-    """customdata of the first point clicked in chart ``key``, once per new click (the
-    selection stays in the session; a manual choice made since must not be overwritten)."""
-    event = st.session_state.get(key)
-    points = (event or {}).get("selection", {}).get("points", []) if event else []
-    data = points[0].get("customdata") if points else None
-    if isinstance(data, dict):  # a typed array arrives as {"0": v0, "1": v1, ...}
-        data = [data[k] for k in sorted(data, key=int)]
-    try:
-        data = [int(v) for v in (data if isinstance(data, (list, tuple)) else [data])]
-    except (TypeError, ValueError):
-        data = None
-    seen = st.session_state.setdefault("results_last_click", {})
-    if seen.get(key) == data:
-        return None
-    seen[key] = data
-    return data
-
-
-# --------------------------------------------------------------------------- sections
-
-
 def render_decision(summary: dict, best_name: str) -> None:
     """The verdict, then one card per question: distil at all? which strategy? does the
     student beat its teacher?"""
@@ -444,7 +422,7 @@ def render_error_map(group: list[Run], summary: dict, best_name: str) -> None:
                    "is right and the student wrong. Both wrong and fixed add up to the teacher's "
                    "mistakes; both wrong and newly wrong to the student's.")
     cells = [key for key, *_ in figures.ERROR_CELLS]
-    data = clicked(chart_key)
+    data = state.clicked(chart_key, "results_last_click")
     if data and 0 <= data[0] < len(cells):
         st.session_state["results_err_cell"] = cells[data[0]]
     if st.session_state.get("results_err_cell") not in cells:

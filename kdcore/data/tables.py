@@ -793,6 +793,19 @@ def _plan_columns(names: Sequence[object], source: str, extra_columns: frozenset
     """Check the column names and work out the layout; every bad name is a DataError."""
     check_unique_columns(names, source)
     strs = [c for c in names if isinstance(c, str)]
+    # The teacher's outputs first: a features file has neither, and its real gap is the logits
+    logits = [c for c in strs if c.startswith(LOGIT_PREFIX)]
+    probs = [c for c in strs if c.startswith(PROB_PREFIX)]
+    if not logits and not probs:
+        others = [str(c) for c in names if c not in _RESERVED and c not in extra_columns]
+        seen_text = f" (found {_class_list(others, 5)})" if others else ""
+        raise data_error(
+            source,
+            f"there are no teacher-output columns{seen_text}",
+            "name the teacher's outputs logit_<class> (raw scores) or prob_<class> "
+            "(probabilities), one column per class, e.g. logit_cat, logit_dog; for a features "
+            "file with the logits in another file, pass --label-column and --teacher-logits.",
+        )
     if "label" not in names:
         near = [c for c in strs if c.strip().lower() == "label"]
         fix = (
@@ -803,17 +816,6 @@ def _plan_columns(names: Sequence[object], source: str, extra_columns: frozenset
         )
         raise data_error(source, "there is no 'label' column", fix)
 
-    logits = [c for c in strs if c.startswith(LOGIT_PREFIX)]
-    probs = [c for c in strs if c.startswith(PROB_PREFIX)]
-    if not logits and not probs:
-        others = [str(c) for c in names if c not in _RESERVED and c not in extra_columns]
-        seen_text = f" (found {_class_list(others, 5)})" if others else ""
-        raise data_error(
-            source,
-            f"there are no teacher-output columns{seen_text}",
-            "name the teacher's outputs logit_<class> (raw scores) or prob_<class> "
-            "(probabilities), one column per class, e.g. logit_cat, logit_dog.",
-        )
     if logits and probs:
         raise data_error(
             source,
