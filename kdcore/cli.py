@@ -424,11 +424,11 @@ def _run_compare(args: argparse.Namespace, strategies: list[str], seeds: int,
 
 
 def _signed(delta: dict | None) -> str:
-    """A paired difference in points: "+1.23 [+0.45, +2.01]", "" without one."""
+    """A paired difference in points: "+1.2 [+0.5, +2.0]", "" without one."""
     if not delta:
         return ""
     ci = delta["ci95"]
-    return f"{delta['mean'] * 100:+.2f}" + (f" [{ci[0] * 100:+.2f}, {ci[1] * 100:+.2f}]"
+    return f"{delta['mean'] * 100:+.1f}" + (f" [{ci[0] * 100:+.1f}, {ci[1] * 100:+.1f}]"
                                              if ci else "")
 
 
@@ -447,13 +447,14 @@ def _print_summary(summary: dict) -> None:
         ece = (calibration.get(name) or {}).get("ece")
         rows.append({
             "strategy": name,
-            "test acc (mean ± std)": f"{e['mean'] * 100:.2f} ± {e['std'] * 100:.2f}",
+            "test acc (mean ± std)": (f"{e['mean'] * 100:.1f}% ± {e['std'] * 100:.1f}"
+                                      if len(e["seeds"]) > 1 else f"{e['mean'] * 100:.1f}%"),
             "vs kd (paired, 95% CI)": "" if name == "kd" else _signed(e["delta_vs_kd"]),
             "vs ce (paired, 95% CI)": "" if name == "ce" else _signed(e.get("delta_vs_ce")),
             "copies teacher errors": _pct(e["bias_inheritance"]),
             "excess inheritance": "" if name == "ce" else _pct(e.get("excess_inheritance")),
             "ECE": "n/a" if ece is None else f"{ece:.3f}",
-            "best-epoch acc": f"{e['best_epoch_mean'] * 100:.2f}",
+            "best-epoch acc": f"{e['best_epoch_mean'] * 100:.1f}%",
             "seeds": len(e["seeds"]),
         })
     say(f"Teacher test accuracy: {_pct(summary['teacher_test_accuracy'])}"

@@ -178,8 +178,8 @@ def test_excess_inheritance_is_the_share_above_ces_floor():
     assert summary["strategies"]["kd"]["excess_inheritance"] == pytest.approx(0.25)
     assert summary["strategies"]["kd+be+br"]["excess_inheritance"] == pytest.approx(0.1)
     assert summary["strategies"]["ce"]["excess_inheritance"] == pytest.approx(0.0)
-    assert "excess inheritance of 10%" in summary["verdict"]
-    assert "vanilla KD's 25%" in summary["verdict"]
+    assert "excess inheritance of 10.0%" in summary["verdict"]
+    assert "vanilla KD's 25.0%" in summary["verdict"]
 
 
 # --------------------------------------------------------------------------- per class

@@ -289,7 +289,7 @@ def _pts(x: float) -> str:
 
 
 def _share(x: float) -> str:
-    return f"{x:.0%}"
+    return f"{x:.1%}"
 
 
 def _interval(delta: dict, n_seeds: int, best_of_n: int | None = None) -> str:
