@@ -83,6 +83,10 @@ def _ready(at: AppTest) -> AppTest:
 
 
 def _the_task(home: Path) -> tasks.Task:
+    deadline = time.monotonic() + 60  # the page starts it from a thread after its charts
+    while time.monotonic() < deadline and not any(
+            tasks._read_json(f).get("argv") for f in (home / tasks.TASKS_DIR).glob("*/task.json")):
+        time.sleep(0.1)
     folders = list((home / tasks.TASKS_DIR).iterdir())
     assert len(folders) == 1, folders  # one check per source, started once
     spec = tasks._read_json(folders[0] / "task.json")

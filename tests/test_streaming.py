@@ -91,6 +91,7 @@ def test_cli_streams_with_the_flag_and_prints_the_same_json(big):
     assert streamed["splits"]["unlabelled"]["labelled"] is False
     # label checks need a split in memory: a streamed document says so instead
     assert streamed.pop("likely_label_errors")["available"] is False
+    assert streamed.pop("headline_split") == "test"  # the CLI's, beside the engine's keys
     in_memory = json.loads(json.dumps(analyze(load_predictions(big))))  # NaN -> via the CLI
     assert_same(in_memory, streamed)
 
