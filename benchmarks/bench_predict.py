@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -41,23 +39,12 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory import peak_rss_mb, rss_mb  # noqa: E402
 from timing import interleaved, ratio  # noqa: E402
 
 N_CLASSES = 10
 SIDE = 32
 TRAIN_SHARE = 0.8
-
-
-def rss_mb() -> float:
-    """Current resident set size of this process, in MB."""
-    with open("/proc/self/statm") as fh:
-        pages = int(fh.read().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 1024**2
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def make_folder(root: Path, n: int, seed: int = 0) -> Path:

@@ -26,9 +26,8 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
-import resource
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,24 +36,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory import peak_rss_mb, rss_mb  # noqa: E402
+
 N_ROWS = 10_000_000
 N_CLASSES = 100
 ROW_GROUP = 1_000_000
 SEED = 0
 BYTES_PER_VALUE = 4.1  # float32 logits do not compress; a little for label and split
 DISK_MARGIN = 2 * 1024**3  # leave this much free after writing
-
-
-def rss_mb() -> float:
-    """Current resident set size of this process, in MB."""
-    with open("/proc/self/statm") as fh:
-        pages = int(fh.read().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 1024**2
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def write_table(path: Path, rows: int, classes: int, row_group: int) -> None:

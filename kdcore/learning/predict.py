@@ -13,12 +13,10 @@ the output's folder and renamed at the end, so a failure or Ctrl-C leaves no fil
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -30,6 +28,7 @@ import pyarrow.parquet as pq
 
 from kdcore.data.tables import IMAGE_ROOT_KEY, LOGIT_PREFIX
 from kdcore.errors import DataError
+from kdcore.learning.allocator import heap_trimmer
 
 __all__ = [
     "NORMALIZE_PRESETS",
@@ -56,7 +55,7 @@ DEFAULT_BATCH_SIZE = 64
 MAX_IMAGE_SIDE = 8192
 # Rows per Parquet row group: about this many logits (4 MB of float32), at least one batch.
 ROW_GROUP_VALUES = 1 << 20
-# Batches between two malloc_trim calls (see _heap_trimmer).
+# Batches between two malloc_trim calls (see kdcore.learning.allocator.heap_trimmer).
 TRIM_EVERY = 8
 
 
@@ -214,23 +213,6 @@ def _run_model(predictor: Callable, x: np.ndarray, k: int, where: str) -> np.nda
     return np.ascontiguousarray(logits, dtype=np.float32)
 
 
-def _heap_trimmer() -> Callable[[], object]:
-    """glibc's ``malloc_trim(0)`` (a no-op elsewhere). Decoded images and the model's tensors
-    of each batch interleave in glibc's heap, whose adaptive mmap threshold then leaves
-    freed pages stranded between live blocks: without a trim, RSS grew by about 10 KB per
-    image (about +100 MB over 6,000 32x32 images); trimming every TRIM_EVERY batches keeps
-    it flat, at no measurable cost (benchmarks/bench_predict.py)."""
-    if sys.platform.startswith("linux"):
-        try:
-            trim = ctypes.CDLL(None).malloc_trim
-        except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
-            return lambda: None
-        trim.argtypes = (ctypes.c_size_t,)
-        trim.restype = ctypes.c_int
-        return lambda: trim(0)
-    return lambda: None
-
-
 def predict_source(source, predictor: Callable[[np.ndarray], np.ndarray], out: str | Path, *,
                    preprocess: Preprocess = Preprocess(), batch_size: int = DEFAULT_BATCH_SIZE,
                    model: str = "", on_batch: Callable[[int], None] | None = None
@@ -280,7 +262,7 @@ def predict_source(source, predictor: Callable[[np.ndarray], np.ndarray], out: s
         pending.clear()
         pending_rows = 0
 
-    trim = _heap_trimmer()
+    trim = heap_trimmer()
     batches = 0
     start = time.perf_counter()
     try:
