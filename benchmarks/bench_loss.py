@@ -13,6 +13,9 @@ figures swing from 1.0x to 1.6x between runs, with the allocation history of the
    inside the loss on every call (``strategy_loss`` without ``teacher_predicted``).
 2. A whole training step of a CNN student on 32x32x3 inputs, batch 128 (teacher logits and
    argmax cached, as kdcore trains): kd+be+br+dl vs kd. Target <= 1.05x.
+3. The other base losses alone (forward + backward), as their public functions, on the same
+   logits at B=1024, K=100: ``ls_kd_loss``, ``dist_loss`` and ``rld_loss`` vs ``kd_loss``.
+   Target each <= 2x.
 
 The contenders run in interleaved rounds, so a slow spell of this shared machine hits all of
 them in the same round. Each ratio is the median over rounds of that round's ratio, with the
@@ -30,7 +33,14 @@ import torch.nn.functional as F
 from timing import interleaved, ratio  # benchmarks/timing.py, next to this script
 
 from kdcore.learning.allocator import keep_freed_memory
-from kdcore.learning.losses import parse_strategy, strategy_loss
+from kdcore.learning.losses import (
+    dist_loss,
+    kd_loss,
+    ls_kd_loss,
+    parse_strategy,
+    rld_loss,
+    strategy_loss,
+)
 from kdcore.learning.models import cnn
 
 Step = Callable[[], None]
@@ -54,6 +64,14 @@ def loss_step(strategy: str, s: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
         logits = s.detach().requires_grad_()
         strategy_loss(logits, t, y, strategy=parsed, epoch=3, epochs=10,
                       teacher_predicted=predicted).total.backward()
+
+    return step
+
+
+def base_step(loss: Callable[[torch.Tensor], torch.Tensor], s: torch.Tensor) -> Step:
+    """One public base loss of the student's logits, forward + backward."""
+    def step():
+        loss(s.detach().requires_grad_()).backward()
 
     return step
 
@@ -120,6 +138,17 @@ def main() -> None:
     print(f"train step, CNN 32x32x3 B=128 K=100: kd {statistics.median(r['kd']) * 1e3:.1f} ms  "
           f"kd+be+br+dl {statistics.median(r['bias-aware']) * 1e3:.1f} ms  "
           f"ratio {ratio_text(r, 'bias-aware', 'kd')} (target <= 1.05)")
+
+    s, t = torch.randn(1024, 100), torch.randn(1024, 100) * 3
+    y = torch.randint(0, 100, (1024,))
+    r = interleaved({"kd": base_step(lambda z: kd_loss(z, t, 4.0), s),
+                     "ls": base_step(lambda z: ls_kd_loss(z, t, 4.0), s),
+                     "dist": base_step(lambda z: dist_loss(z, t, tau=4.0), s),
+                     "rld": base_step(lambda z: rld_loss(z, t, y), s)}, rounds=21, inner=30)
+    print(f"base losses alone, forward + backward, B=1024 K=100 (target each <= 2): kd_loss "
+          f"{median_us(r, 'kd')}")
+    for name, function in (("ls", "ls_kd_loss"), ("dist", "dist_loss"), ("rld", "rld_loss")):
+        print(f"  {function:<10} {median_us(r, name)}  ratio {ratio_text(r, name, 'kd')}")
 
 
 if __name__ == "__main__":

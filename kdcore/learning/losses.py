@@ -19,6 +19,7 @@ Normalisation of the distillation term over a batch of B rows:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
@@ -67,6 +68,196 @@ def dkd_per_sample(student: Tensor, teacher: Tensor, targets: Tensor, *, tempera
     return (alpha * tckd + beta * nckd) * temperature**2
 
 
+class _Standardize(torch.autograd.Function):
+    """Z-score of each row, ``(x - mean) / (eps + unbiased std)``, with its closed-form backward
+    (torch's ``std`` and its autograd cost several times a softmax on one CPU thread)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, eps: float) -> Tensor:
+        centred = x - x.mean(1, keepdim=True)
+        std = torch.linalg.vecdot(centred, centred).div_(x.shape[1] - 1).sqrt_().unsqueeze(1)
+        scale = std + eps
+        ctx.save_for_backward(centred, std, scale)
+        return centred / scale
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple:
+        centred, std, scale = ctx.saved_tensors
+        # d std / d x_i = centred_i / ((K - 1) std); a constant row (std 0) has centred 0
+        along = torch.linalg.vecdot(grad, centred).unsqueeze(1).div_(
+            std.clamp(min=torch.finfo(std.dtype).tiny).mul(scale) * (centred.shape[1] - 1))
+        out = (grad - grad.mean(1, keepdim=True)).addcmul_(centred, along, value=-1.0)
+        return out.div_(scale), None
+
+
+def standardize(logits: Tensor, eps: float = 1e-7) -> Tensor:
+    """Z-score each row, as the LS authors' ``normalize``: (z - mean) / (eps + unbiased std)."""
+    return _Standardize.apply(logits, eps)
+
+
+def _pearson(a: Tensor, b: Tensor, dim: int, eps: float = 1e-8
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """Pearson correlation of ``a`` with ``b`` along ``dim`` (1: per row, 0: per column), DIST's
+    eps added to the product of the norms as in the authors' ``cosine_similarity``; and its
+    gradient in ``a`` as ``direction / scale`` (the backward folds the division into its own
+    factor). Columns are reduced in place, not through a transposed copy."""
+    a, b = a - a.mean(dim, keepdim=True), b - b.mean(dim, keepdim=True)
+    norm_a = torch.linalg.vecdot(a, a, dim=dim).sqrt_().unsqueeze(dim)
+    norm_b = torch.linalg.vecdot(b, b, dim=dim).sqrt_().unsqueeze(dim)
+    scale = norm_a * norm_b + eps
+    rho = torch.linalg.vecdot(a, b, dim=dim).unsqueeze(dim) / scale
+    # d rho / d a = (b - rho |b| a / |a|) / scale, whose mean along dim is 0: no centring needed
+    along = rho * norm_b / norm_a.clamp(min=torch.finfo(a.dtype).tiny)
+    return rho.squeeze(dim), torch.addcmul(b, a, along, value=-1.0), scale
+
+
+class _DIST(torch.autograd.Function):
+    """DIST per row (see :func:`dist_per_sample`) with its closed-form backward to the student."""
+
+    @staticmethod
+    def forward(ctx, student: Tensor, teacher: Tensor, tau: float, beta: float, gamma: float,
+                rows: Tensor | None) -> Tensor:
+        p_s, p_t = F.softmax(student / tau, dim=1), F.softmax(teacher / tau, dim=1)
+        rho, grad_inter, scale_inter = _pearson(p_s, p_t, 1)
+        kept_s, kept_t = (p_s, p_t) if rows is None else (p_s[rows], p_t[rows])
+        if len(kept_s):
+            rho_c, grad_intra, scale_intra = _pearson(kept_s, kept_t, 0)
+            intra = 1.0 - rho_c.mean()
+        else:
+            intra, grad_intra, scale_intra = p_s.new_zeros(()), None, None
+        ctx.save_for_backward(p_s, grad_inter, scale_inter, grad_intra, scale_intra, rows)
+        ctx.tau, ctx.beta, ctx.gamma = tau, beta, gamma
+        return (beta * (1.0 - rho) + gamma * intra) * tau**2
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple:
+        p_s, grad_inter, scale_inter, grad_intra, scale_intra, rows = ctx.saved_tensors
+        scale = -ctx.tau  # tau^2 from the loss, 1 / tau from the softmax at tau
+        grad_p = grad_inter * (grad.unsqueeze(1) * (scale * ctx.beta) / scale_inter)
+        if grad_intra is not None:  # every row carries the intra term: its weight is sum(grad)
+            weight = grad.sum() * (scale * ctx.gamma / p_s.shape[1]) / scale_intra
+            if rows is None:
+                grad_p.addcmul_(grad_intra, weight)
+            else:
+                grad_p[rows] += grad_intra * weight
+        along = torch.linalg.vecdot(grad_p, p_s).unsqueeze(1)  # the softmax's backward
+        return grad_p.sub_(along).mul_(p_s), None, None, None, None, None
+
+
+def _dist_autograd(student: Tensor, teacher: Tensor, *, tau: float, beta: float, gamma: float,
+                   rows: Tensor | None) -> Tensor:
+    """:func:`dist_per_sample` through autograd, for a teacher that needs gradients too."""
+    p_s, p_t = F.softmax(student / tau, dim=1), F.softmax(teacher / tau, dim=1)
+    inter = 1.0 - _pearson(p_s, p_t, 1)[0]
+    if rows is not None:
+        p_s, p_t = p_s[rows], p_t[rows]
+    intra = (1.0 - _pearson(p_s, p_t, 0)[0].mean()) if len(p_s) else p_s.new_zeros(())
+    return (beta * inter + gamma * intra) * tau**2
+
+
+def dist_per_sample(student: Tensor, teacher: Tensor, *, tau: float, beta: float = 1.0,
+                    gamma: float = 1.0, rows: Tensor | None = None) -> Tensor:
+    """DIST (Huang et al. 2022) per row: ``tau^2 * (beta * (1 - rho_i) + gamma * intra)``.
+
+    ``rho_i`` correlates row i's class probabilities (at tau) with the teacher's (inter-class);
+    ``intra`` is one minus the mean over classes of the correlation down the batch, a batch
+    term that every row carries, so the batch mean is the authors' loss. ``rows`` (bool) limits
+    the batch of the intra term (rows a part leaves out); with none, the intra term is 0.
+    """
+    if teacher.requires_grad:
+        return _dist_autograd(student, teacher, tau=tau, beta=beta, gamma=gamma, rows=rows)
+    return _DIST.apply(student, teacher, tau, beta, gamma, rows)
+
+
+def _row_lse(z: Tensor, p: Tensor) -> Tensor:
+    """log-sum-exp of each row of ``z`` from its softmax ``p``: max(z) - log(max(p)); max(p) is
+    at least 1/K, so this is exact where an exp of the masked entries would crawl."""
+    return z.amax(1, keepdim=True) - p.amax(1, keepdim=True).log()
+
+
+class _RLD(torch.autograd.Function):
+    """RLD per row (see :func:`rld_per_sample`) with its closed-form backward to the student.
+
+    The masked logits are never passed to ``exp`` (an exp of -1e9 takes the slow path on CPU);
+    SCD reads the student's label probability as the authors do, clamped to the smallest
+    positive float so that it stays finite where it underflows.
+    """
+
+    @staticmethod
+    def forward(ctx, student: Tensor, teacher: Tensor, targets: Tensor, temperature: float,
+                alpha: float, beta: float, alpha_temperature: float) -> Tensor:
+        def at(logits: Tensor) -> Tensor:  # the default alpha_temperature 1 costs no pass
+            return logits if alpha_temperature == 1 else logits / alpha_temperature
+
+        y, tiny = targets.unsqueeze(1), torch.finfo(student.dtype).tiny
+        rest = F.softmax(at(student), dim=1)
+        bs_y = rest.gather(1, y)
+        bs_rest = rest.scatter_(1, y, 0.0).sum(1, keepdim=True).clamp_(min=tiny)
+        bt_y = F.softmax(at(teacher), dim=1).amax(1, keepdim=True)
+        bt_rest = 1.0 - bt_y
+        scd = (torch.xlogy(bt_y, bt_y) - bt_y * bs_y.clamp(min=tiny).log()
+               + torch.xlogy(bt_rest, bt_rest) - bt_rest * bs_rest.log()) * alpha_temperature**2
+        keep = torch.lt(teacher, teacher.gather(1, y), out=torch.empty_like(student))
+        fill = (keep - 1.0).mul_(1e9)  # the label and the classes over it: -1e9, the others 0
+        s2 = torch.addcmul(fill, student, keep, value=1 / temperature)
+        t2 = torch.addcmul(fill, teacher, keep, value=1 / temperature)
+        p_s2, p_t2 = F.softmax(s2, dim=1), F.softmax(t2, dim=1)
+        mcd = (torch.linalg.vecdot(p_t2, t2 - s2).unsqueeze(1) - _row_lse(t2, p_t2)
+               + _row_lse(s2, p_s2)) * temperature**2
+        # SCD's gradient: alpha_T (p_y - bt_y) (onehot_y - rest / bs_rest)
+        coef = (bs_y - bt_y).mul_(alpha_temperature * alpha)
+        ctx.save_for_backward(rest, coef, coef / bs_rest, y, p_s2, p_t2)
+        ctx.scale = beta * temperature
+        return (alpha * scd + beta * mcd).squeeze(1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple:
+        rest, coef, coef_rest, y, p_s2, p_t2 = ctx.saved_tensors
+        grad = grad.unsqueeze(1)
+        out = (p_s2 - p_t2).mul_(grad * ctx.scale)  # MCD: T (q_s - q_t) on the unmasked classes
+        out.addcmul_(rest, coef_rest * grad, value=-1.0).scatter_add_(1, y, coef * grad)
+        return out, None, None, None, None, None, None
+
+
+def _rld_autograd(student: Tensor, teacher: Tensor, targets: Tensor, *, temperature: float,
+                  alpha: float, beta: float, alpha_temperature: float) -> Tensor:
+    """:func:`rld_per_sample` through autograd (SCD in log space), for a teacher that needs
+    gradients too."""
+    gt = F.one_hot(targets, student.shape[1]).bool()
+    top = F.one_hot(teacher.argmax(1), student.shape[1]).bool()
+    s, t = student / alpha_temperature, teacher / alpha_temperature
+    lse_s, lse_t = torch.logsumexp(s, 1), torch.logsumexp(t, 1)
+    log_bs = torch.stack([s[gt] - lse_s, torch.logsumexp(s.masked_fill(gt, -math.inf), 1) - lse_s],
+                         1)
+    log_bt = torch.stack([t[top] - lse_t,
+                          torch.logsumexp(t.masked_fill(top, -math.inf), 1) - lse_t], 1)
+    scd = (log_bt.exp() * (log_bt - log_bs)).sum(1) * alpha_temperature**2
+    above = teacher >= teacher.gather(1, targets.unsqueeze(1))  # the label and the classes over it
+    log_ms = F.log_softmax((student / temperature).masked_fill(above, -1e9), dim=1)
+    log_mt = F.log_softmax((teacher / temperature).masked_fill(above, -1e9), dim=1)
+    mcd = (log_mt.exp() * (log_mt - log_ms)).sum(1) * temperature**2
+    return alpha * scd + beta * mcd
+
+
+def rld_per_sample(student: Tensor, teacher: Tensor, targets: Tensor, *, temperature: float,
+                   alpha: float = 1.0, beta: float = 8.0, alpha_temperature: float = 1.0
+                   ) -> Tensor:
+    """Refined-logit KD (Sun et al. 2024, zju-SWJ/RLD) per row: alpha * SCD + beta * MCD.
+
+    SCD: binary KL at ``alpha_temperature`` from the teacher's (top class, rest) to the
+    student's (label, rest), times alpha_temperature^2: the teacher's confidence, put on the
+    label. MCD: KL at ``temperature`` over the classes the teacher ranks below the label (the
+    label and those above it masked with -1e9 as the authors do), times temperature^2.
+    """
+    if teacher.requires_grad:
+        return _rld_autograd(student, teacher, targets, temperature=temperature, alpha=alpha,
+                             beta=beta, alpha_temperature=alpha_temperature)
+    return _RLD.apply(student, teacher, targets, temperature, alpha, beta, alpha_temperature)
+
+
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """Hinton KD, batch mean (equals mdistiller's ``kd_loss``)."""
     return kd_per_sample(student_logits, teacher_logits, temperature=temperature).mean()
@@ -77,6 +268,30 @@ def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, alp
     """Decoupled KD, batch mean (equals mdistiller's ``dkd_loss``)."""
     return dkd_per_sample(student_logits, teacher_logits, labels, temperature=temperature,
                           alpha=alpha, beta=beta).mean()
+
+
+def ls_kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """Logit-standardised KD (Sun et al., CVPR 2024), batch mean: Hinton KD on z-scored logits,
+    times T^2 (equals the authors' ``kd_loss`` with ``logit_stand``)."""
+    total, per_sample = weighted_kd(standardize(student_logits), standardize(teacher_logits),
+                                    temperature=temperature, weights=1.0)
+    return total / len(per_sample)
+
+
+def dist_loss(student_logits: Tensor, teacher_logits: Tensor, beta: float = 1.0,
+              gamma: float = 1.0, tau: float = 1.0) -> Tensor:
+    """DIST, inter- plus intra-class correlation loss times tau^2 (equals the authors' DIST)."""
+    return dist_per_sample(student_logits, teacher_logits, tau=tau, beta=beta,
+                           gamma=gamma).mean()
+
+
+def rld_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, alpha: float = 1.0,
+             beta: float = 8.0, temperature: float = 4.0, alpha_temperature: float = 1.0
+             ) -> Tensor:
+    """Refined-logit KD, batch mean, without the warm-up factor that belongs to training
+    (equals the authors' ``rld_loss`` without ``logit_stand``)."""
+    return rld_per_sample(student_logits, teacher_logits, labels, temperature=temperature,
+                          alpha=alpha, beta=beta, alpha_temperature=alpha_temperature).mean()
 
 
 def swap_rectify(teacher_logits: Tensor, labels: Tensor, predicted: Tensor | None = None) -> Tensor:
@@ -156,14 +371,24 @@ def dynamic_weight(epoch: int, epochs: int) -> float:
     return math.cos(math.pi / 2 * epoch / max(epochs, 1)) ** 2
 
 
+def linear_warmup(epoch: int, warmup: int) -> float:
+    """mdistiller's 1-based warm-up of DKD and RLD, ``min((epoch + 1) / warmup, 1)``; 0: none."""
+    return min((epoch + 1) / warmup, 1.0) if warmup > 0 else 1.0
+
+
 @dataclass(frozen=True)
 class Method:
     """A distillation method; its dataclass fields are its options, with their defaults.
 
     ``distill`` gives the batch's weighted distillation term: each labelled row distilled with
     :meth:`per_sample` from the teacher (rectified where ``swap`` says), each unlabelled row with
-    plain Hinton KD from the original teacher (no bias can be identified there).
+    plain Hinton KD from the original teacher (no bias can be identified there), unless the
+    method needs no label (``labelled_only`` False), which then distils those rows itself.
+    ``dropped`` marks the rows the parts leave out (BE without BR); they weigh 0 already, so
+    only a method with a term over the whole batch (DIST) reads it.
     """
+
+    labelled_only = True  # per_sample reads the label (a class attribute, not an option)
 
     def per_sample(self, student: Tensor, teacher: Tensor, targets: Tensor, *,
                    temperature: float) -> Tensor:
@@ -174,14 +399,14 @@ class Method:
         return 1.0
 
     def distill(self, student: Tensor, teacher: Tensor, labels: Tensor, *, temperature: float,
-                weights: Tensor | float, swap: tuple[Tensor, Tensor] | None
-                ) -> tuple[Tensor, Tensor]:
+                weights: Tensor | float, swap: tuple[Tensor, Tensor] | None,
+                dropped: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``sum_i w_i * D_i`` and the detached per-sample ``D_i``."""
         labelled = labels != UNLABELLED
         rectified = swap_rectify(teacher, swap[1], swap[0]) if swap else teacher
         per_sample = self.per_sample(student, rectified, labels.clamp(min=0),
                                      temperature=temperature)
-        if not bool(labelled.all()):
+        if self.labelled_only and not bool(labelled.all()):
             transfer = kd_per_sample(student, teacher, temperature=temperature)
             per_sample = torch.where(labelled, per_sample, transfer)
         return (per_sample * weights).sum(), per_sample.detach()
@@ -191,13 +416,15 @@ class Method:
 class KD(Method):
     """Hinton KD (2015). Its options, temperature and lam, are every method's (TrainConfig)."""
 
+    labelled_only = False
+
     def per_sample(self, student: Tensor, teacher: Tensor, targets: Tensor, *,
                    temperature: float) -> Tensor:
         return kd_per_sample(student, teacher, temperature=temperature)
 
     def distill(self, student: Tensor, teacher: Tensor, labels: Tensor, *, temperature: float,
-                weights: Tensor | float, swap: tuple[Tensor, Tensor] | None
-                ) -> tuple[Tensor, Tensor]:
+                weights: Tensor | float, swap: tuple[Tensor, Tensor] | None,
+                dropped: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """One autograd node (:func:`weighted_kd`); unlabelled rows are never swapped."""
         return weighted_kd(student, teacher, temperature=temperature, weights=weights, swap=swap)
 
@@ -217,11 +444,85 @@ class DKD(Method):
                               alpha=self.alpha, beta=self.beta)
 
     def weight(self, epoch: int) -> float:
-        """mdistiller's 1-based warm-up: ``min((epoch + 1) / warmup, 1)``."""
-        return min((epoch + 1) / self.warmup, 1.0) if self.warmup > 0 else 1.0
+        return linear_warmup(epoch, self.warmup)
 
 
-METHODS: dict[str, type[Method]] = {"kd": KD, "dkd": DKD}  # one per distilling base
+@dataclass(frozen=True)
+class LS(KD):
+    """Logit standardisation (Sun et al., CVPR 2024) on Hinton KD at ``--temperature`` (the base
+    temperature): both sides z-scored per row first. It needs no label, so unlabelled rows get
+    it too, and the parts act row by row as for kd (z-scoring commutes with the swap)."""
+
+    def per_sample(self, student: Tensor, teacher: Tensor, targets: Tensor, *,
+                   temperature: float) -> Tensor:
+        return kd_per_sample(standardize(student), standardize(teacher), temperature=temperature)
+
+    def distill(self, student: Tensor, teacher: Tensor, labels: Tensor, *, temperature: float,
+                weights: Tensor | float, swap: tuple[Tensor, Tensor] | None,
+                dropped: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return super().distill(standardize(student), standardize(teacher), labels,
+                               temperature=temperature, weights=weights, swap=swap)
+
+
+@dataclass(frozen=True)
+class DIST(Method):
+    """DIST (Huang et al., NeurIPS 2022): inter- and intra-class correlation, ``beta`` and
+    ``gamma`` their weights, tau = ``--temperature``. It needs no label, so unlabelled rows are
+    part of its batch. The intra term runs down the batch, so it has no per-row value: it is
+    computed over the rows the parts keep (all but those BE drops; BR rows enter rectified), each
+    counting once, and every kept row carries it (:func:`dist_per_sample`). So the weights of the
+    parts (DL's schedule, the normalisation) weigh each row's inter term and, through their sum,
+    the intra term; they never change which rows form the batch.
+    """
+
+    beta: float = 1.0
+    gamma: float = 1.0
+    labelled_only = False
+
+    def per_sample(self, student: Tensor, teacher: Tensor, targets: Tensor, *,
+                   temperature: float) -> Tensor:
+        return dist_per_sample(student, teacher, tau=temperature, beta=self.beta,
+                               gamma=self.gamma)
+
+    def distill(self, student: Tensor, teacher: Tensor, labels: Tensor, *, temperature: float,
+                weights: Tensor | float, swap: tuple[Tensor, Tensor] | None,
+                dropped: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        rectified = swap_rectify(teacher, swap[1], swap[0]) if swap else teacher
+        rows = ~dropped if dropped is not None and bool(dropped.any()) else None
+        per_sample = dist_per_sample(student, rectified, tau=temperature, beta=self.beta,
+                                     gamma=self.gamma, rows=rows)
+        return (per_sample * weights).sum(), per_sample.detach()
+
+
+@dataclass(frozen=True)
+class RLD(Method):
+    """Refined-logit KD (Sun et al. 2024) with the authors' defaults: alpha * SCD + beta * MCD
+    (:func:`rld_per_sample`), SCD at ``alpha_temperature``, MCD at ``--temperature``, the whole
+    term warmed up over ``warmup`` epochs as their code does. It already treats the label
+    specially, which is why ``rld+br`` is refused (:data:`strategies.REFUSED_PARTS`)."""
+
+    alpha: float = 1.0
+    beta: float = 8.0
+    alpha_temperature: float = 1.0
+    warmup: int = 20
+
+    def __post_init__(self) -> None:
+        if not self.alpha_temperature > 0:
+            raise DataError(f"rld option alpha_temperature = {self.alpha_temperature!r} is out "
+                            "of range; give a number above 0")
+
+    def per_sample(self, student: Tensor, teacher: Tensor, targets: Tensor, *,
+                   temperature: float) -> Tensor:
+        return rld_per_sample(student, teacher, targets, temperature=temperature,
+                              alpha=self.alpha, beta=self.beta,
+                              alpha_temperature=self.alpha_temperature)
+
+    def weight(self, epoch: int) -> float:
+        return linear_warmup(epoch, self.warmup)
+
+
+# one per distilling base
+METHODS: dict[str, type[Method]] = {"kd": KD, "dkd": DKD, "ls": LS, "dist": DIST, "rld": RLD}
 
 
 def method_for(base: str, options: Mapping | None = None) -> Method:
@@ -232,12 +533,23 @@ def method_for(base: str, options: Mapping | None = None) -> Method:
     if base not in METHODS:
         raise DataError(f"base loss {base!r} does not distil; use one of {', '.join(METHODS)}")
     cls = METHODS[base]
-    known = [f.name for f in fields(cls)]
+    known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(options or {}) - set(known))
     if unknown:
         takes = f"takes {', '.join(known)}" if known else "takes no options"
         raise DataError(f"{base} has no option {', '.join(unknown)}; it {takes}")
-    return cls(**(options or {}))
+    return cls(**{k: _option(base, k, known[k].default, v) for k, v in (options or {}).items()})
+
+
+def _option(base: str, name: str, default: object, value: object) -> object:
+    """``value`` as the type of the option's default: a stored or typed 2 for a float option is
+    2.0, so equal settings give equal configs; anything else is one DataError line."""
+    whole = isinstance(default, int)
+    if (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+            and (not whole or (float(value).is_integer() and value >= 0))):
+        return int(value) if whole else float(value)
+    what = "a whole number, 0 or more" if whole else "a finite number"
+    raise DataError(f"{base} option {name} = {value!r} is out of range; give {what}")
 
 
 @dataclass(frozen=True)
@@ -346,8 +658,10 @@ def strategy_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor
         weights = torch.where(wrong, w_wrong / n, torch.where(labelled, w_right / n, 1.0 / n))
 
     method = method if method is not None else method_for(strategy.base)
+    dropped = wrong if strategy.bias_aware and not strategy.br else None  # BE alone drops them
     distill, per_sample = method.distill(student_logits, teacher_logits, labels,
-                                         temperature=temperature, weights=weights, swap=swap)
+                                         temperature=temperature, weights=weights, swap=swap,
+                                         dropped=dropped)
     scale = method.weight(epoch)
     if scale != 1.0:
         distill = distill * scale

@@ -12,14 +12,26 @@ from dataclasses import dataclass
 
 from kdcore.errors import DataError
 
-BASES = ("ce", "kd", "dkd")  # ce trains on labels alone; the others distil
+BASES = ("ce", "kd", "dkd", "ls", "dist", "rld")  # ce: labels alone; the others distil
 PARTS = ("be", "br", "dl", "lq")
 BTKD = "btkd"  # the paper's exact recipe: kd+be+br+dl, subset normalisation, cos^2 to 0
 DEFAULT_STRATEGIES = ("ce", "kd", "kd+be", "kd+be+br", "kd+be+br+dl")
 # Offered by name (the Train page's choices): the defaults, then the others worth a click; any
 # other valid name can still be typed.
 CATALOGUE = (*DEFAULT_STRATEGIES, "kd+be+br+dl+lq", "dkd", "dkd+be", "dkd+be+br", "dkd+be+br+dl",
-             BTKD)
+             BTKD, "ls", "ls+be+br+dl", "dist", "dist+be+br+dl", "rld", "rld+be")
+# Parts that have no meaning on a base, with the reason parse_strategy gives (README's table).
+REFUSED_PARTS = {
+    ("rld", "br"): "rld already moves the teacher's top confidence onto the label (its SCD term) "
+                   "and distils only the classes ranked below the label (MCD); a swap would put "
+                   "the mistaken class back among those, so use rld or rld+be",
+}
+# Plain-language names for people who do not read the grammar: a base, then its parts.
+PLAIN_NAMES = {
+    "ce": "labels only", "kd": "KD", "dkd": "DKD (decoupled KD)", "ls": "logit-standardised KD",
+    "dist": "DIST (correlation KD)", "rld": "refined-logit KD", BTKD: "the paper's exact recipe",
+    "be": "bias removed", "br": "rectified", "dl": "scheduled", "lq": "label-error aware",
+}
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,10 @@ def parse_strategy(text: str, *, normalisation: str = "batch") -> Strategy:
         )
     if base == "ce" and parts:
         raise DataError(f"strategy {text!r}: ce trains on labels alone and takes no parts")
+    for part in parts:
+        if (base, part) in REFUSED_PARTS:
+            raise DataError(f"strategy {text!r}: {base}+{part} is refused: "
+                            f"{REFUSED_PARTS[base, part]}")
     if "dl" in parts and not ({"be", "br"} & set(parts)):
         raise DataError(f"strategy {text!r}: dl schedules be/br, so add +be or +br")
     if "lq" in parts and not ({"be", "br"} & set(parts)):
@@ -82,12 +98,26 @@ def is_bias_aware(name: str | None) -> bool:
         return False
 
 
-_BASE_RANK = {"ce": 0, "kd": 1, "btkd": 2, "dkd": 3}
+_BASE_RANK = {"ce": 0, "kd": 1, "btkd": 2, "dkd": 3, "ls": 4, "dist": 5, "rld": 6}
 
 
 def strategy_order(names: Sequence[str]) -> list[str]:
-    """Reading order: ce, kd and its variants (fewest parts first), btkd, dkd and its variants."""
+    """Reading order: ce, kd and its variants (fewest parts first), btkd, then dkd, ls, dist and
+    rld, each followed by its variants; unknown names last."""
     def key(name: str) -> tuple:
         base, *parts = str(name).split("+")
-        return (_BASE_RANK.get(base, 4), len(parts), str(name))
+        return (_BASE_RANK.get(base, len(_BASE_RANK)), len(parts), str(name))
     return sorted(names, key=key)
+
+
+def plain_name(code: str) -> str:
+    """A strategy in words, e.g. ``kd+be+br+dl`` -> "KD, bias removed, rectified, scheduled".
+
+    Composed from :data:`PLAIN_NAMES` for any valid name (DataError for an invalid one), so a
+    page can show what a strategy does to someone who does not read the grammar.
+    """
+    text = code.strip().lower()
+    strategy = parse_strategy(text)
+    if text == BTKD:
+        return PLAIN_NAMES[BTKD]
+    return ", ".join(PLAIN_NAMES[p] for p in strategy.name.split("+"))
