@@ -275,6 +275,36 @@ def test_a_heatmap_click_sets_the_filter_and_clears_the_bars_selection(home, str
     assert not warnings
 
 
+def _click(at: AppTest, chart: str, customdata: list[int]) -> AppTest:
+    """A click on a point of the page's ``chart`` ("bars", "heatmap"), under its current key."""
+    key = next(c.proto.id.rsplit("-", 1)[-1] for c in at.get("plotly_chart")
+               if f"bias_{chart}_" in c.proto.id)
+    at.session_state[key] = {"selection": {"points": [{"customdata": customdata}]}}
+    return at.run()
+
+
+def test_selections_while_and_after_the_check_log_no_streamlit_warning(home, streamlit_log):
+    """Issue 19: after selections the server logged "A fragment rerun was triggered with a
+    callback that displays elements" and "widget created with a default value but also had its
+    value set via the Session State API". Clicks, the toggle, the kind and a verdict, first
+    while the label check runs (the page's polling fragment is there), then with its verdicts."""
+    at = _page().run()
+    assert any("Checking for label errors" in i.value for i in at.info)
+    _click(at, "bars", [4])
+    _click(at, "heatmap", [7, 1])
+    at.toggle(key="bias_normalise").set_value(True).run()
+    assert (at.selectbox(key="bias_true").value, at.selectbox(key="bias_pred").value) == (7, 1)
+    _ready(at)
+    _click(at, "bars", [7])
+    at.segmented_control(key="bias_heatmap_kind").set_value(TEACHER_BIAS).run()
+    _click(at, "heatmap", [7, 1])
+    _verdict_boxes(at)[0].set_value(LABEL_ERROR).run()
+    at.toggle(key="bias_normalise").set_value(False).run()
+    assert not at.exception and not at.error
+    assert not [m for m in streamlit_log if "default value" in m or "fragment rerun" in m
+                or "callback" in m]
+
+
 def test_one_percent_format_readable_headers_and_dashes(home):
     at = _page().run()
     table = next(d for d in at.dataframe if "teacher accuracy" in d.value.columns)

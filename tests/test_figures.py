@@ -44,6 +44,26 @@ def test_charts_are_pure_figures():
     assert "streamlit" not in Path(figures.__file__).read_text()
 
 
+def test_teacher_bias_figures_are_what_plotlys_validator_makes_of_them():
+    """They are built as plain dicts without Plotly's checks (fast first render): each must
+    be valid and already in the form the validator gives (a colour scale named "Reds" or a
+    title as a bare string would be rewritten, and plotly.js would draw something else)."""
+    rep = report(select(load_predictions(None), "test"))
+    k = len(rep.class_names)
+    split = rep.per_class.assign(teacher_bias_rate=rep.per_class.bias_rate * 0.6,
+                                 label_error_rate=rep.per_class.bias_rate * 0.4)
+    for fig in (figures.bias_rate_bars(rep.per_class), figures.bias_rate_bars(split),
+                figures.error_confusion_heatmap(rep.error_confusion, rep.class_names),
+                figures.error_confusion_heatmap(rep.error_confusion, rep.class_names, True),
+                figures.top_confusions_bar(rep.top_confusions),
+                figures.confidence_histogram(rep.confidence, rep.wrong),
+                figures.reliability_diagram(reliability(rep.confidence, ~rep.wrong)),
+                figures.probability_bars(rep.class_names, np.full(k, 1 / k), np.full(k, 1 / k),
+                                         true_class=1, title="t")):
+        spec = json.loads(fig.to_json())
+        assert json.loads(figures.go.Figure(spec).to_json()) == spec, fig.layout.title.text
+
+
 def test_roi_charts():
     points = pd.DataFrame([
         {"model": "teacher", "kind": "teacher", "accuracy": 0.89, "accuracy_std": 0.0,

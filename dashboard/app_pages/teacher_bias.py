@@ -258,7 +258,7 @@ if check.status(start=False).state == "done":  # begun at the end of the page
 note = st.container()  # "checking for label errors…", filled in once the charts are drawn
 checked = lq is not None and lq.available
 per_class = split_rates(rep.per_class, lq) if checked else rep.per_class
-verdicts = lq.verdict if checked else np.full(rep.n_samples, "", dtype=object)
+verdicts = lq.verdict if checked else None  # read only where checked
 
 m1, m2, m3, m4 = st.columns(4)
 m1.metric("Teacher accuracy", f"{rep.accuracy:.1%}", help="Share of these rows it gets right.")
