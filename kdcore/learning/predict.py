@@ -45,7 +45,7 @@ __all__ = [
 NORMALIZE_PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]] | None] = {
     "none": None,
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 KIND_KEY = "kdcore.image_kind"
@@ -103,7 +103,7 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
         values = tuple(float(v) for v in str(text).split(","))
     except ValueError:
         raise DataError(f"{flag} {text!r} is not a list of numbers; write it like "
-                        "0.5071,0.4865,0.4409") from None
+                        "0.5071,0.4867,0.4408") from None
     if len(values) not in (1, 3) or not all(math.isfinite(v) for v in values):
         raise DataError(f"{flag} {text!r} needs 1 or 3 finite numbers (one per channel), "
                         "comma-separated")

@@ -23,6 +23,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,15 +41,19 @@ from kdcore.store.runs import JOB_LOG as LOG_FILE  # a job's output, in its run'
 from kdcore.store.runs import RunStore, config_key
 
 LOCK_FILE = "jobs.lock"
+CHECKPOINT_DIR = "checkpoints"  # an image run's last.pt and best.pt, in its artifacts
 
 
 def execute_run(run_id: str, *, workspace: str | Path | None = None, threads: int = 1,
-                on_step: Callable[[int, int], None] | None = None) -> dict:
+                on_step: Callable[[int, int], None] | None = None,
+                loader_workers: int | None = None) -> dict:
     """Train a queued run in this process and record everything; returns its final metrics.
 
     One thread per run: the bundled models are small, and several runs in parallel processes
     use the cores better than one run on many threads. Under torch.distributed every rank
-    calls this; only rank 0 writes to the store.
+    calls this; only rank 0 writes to the store. An image run checkpoints every epoch into
+    its artifacts and, when a checkpoint is there already (see :func:`resume_run`), goes on
+    from it; ``loader_workers`` (not stored with the run) decode its images.
     """
     torch.set_num_threads(threads)
     keep_freed_memory()  # no page faults for the same tensors every step (learning.allocator)
@@ -56,24 +61,37 @@ def execute_run(run_id: str, *, workspace: str | Path | None = None, threads: in
     store = RunStore(workspace)
     run = store.get(run_id)
     config = TrainConfig(**run.config)
+    if loader_workers is not None:
+        config.loader_workers = loader_workers
     if lead:
         store.start(run.id)
+    pace = _Pace()
 
     def on_progress(step: int, total: int, metrics: dict | None) -> None:
+        eta = pace.eta(step, total)
         if metrics is None:
             store.progress(run.id, step=step, total_steps=total)
         else:
             store.log_epoch(run.id, metrics["epoch"], metrics)
             store.progress(run.id, step=step, total_steps=total,
-                           message=f"epoch {metrics['epoch'] + 1}/{config.epochs}")
+                           message=f"epoch {metrics['epoch'] + 1}/{config.epochs}{eta}")
         if on_step is not None:
             on_step(step, total)
 
+    progress = dict(on_progress=on_progress if lead else None,
+                    should_cancel=(lambda: store.cancel_requested(run.id)) if lead else None)
     try:
-        bundle = load_dataset(config.bundle, **config.data_options)
-        model, result, metrics = train_student(
-            config, bundle, on_progress=on_progress if lead else None,
-            should_cancel=(lambda: store.cancel_requested(run.id)) if lead else None)
+        if config.student_arch:
+            from kdcore.learning.image_train import CHECKPOINTS, train_images
+
+            checkpoints = store.runs_dir / run.id / CHECKPOINT_DIR
+            bundle = None
+            model, result, metrics = train_images(
+                config, checkpoint_dir=checkpoints,
+                resume=(checkpoints / CHECKPOINTS[0]).is_file(), **progress)
+        else:
+            bundle = load_dataset(config.bundle, **config.data_options)
+            model, result, metrics = train_student(config, bundle, **progress)
         metrics["strategy"], metrics["seed"] = config.strategy, config.seed
         if lead:
             save_artifacts(store.artifact_dir(run.id), model, result, bundle)
@@ -93,8 +111,52 @@ def execute_run(run_id: str, *, workspace: str | Path | None = None, threads: in
         raise
 
 
+class _Pace:
+    """The time left, from the pace of the steps trained since the first report in this
+    process (a resumed run's earlier steps are not this process's pace)."""
+
+    def __init__(self) -> None:
+        self.start: tuple[float, int] | None = None
+
+    def eta(self, step: int, total: int) -> str:
+        now = time.perf_counter()
+        if self.start is None or step <= self.start[1]:
+            self.start = self.start or (now, step)
+            return ""
+        left = (now - self.start[0]) / (step - self.start[1]) * (total - step)
+        minutes, seconds = divmod(round(left), 60)
+        hours, minutes = divmod(minutes, 60)
+        return ", ETA " + (f"{hours}h {minutes:02d}m" if hours else
+                           f"{minutes}m {seconds:02d}s" if minutes else f"{seconds}s")
+
+
+def resume_run(run_id: str, *, workspace: str | Path | None = None,
+               queue: bool = False) -> str:
+    """Reopen a stopped image run (interrupted, failed or cancelled) that has a checkpoint, to
+    train on from it: for this process (then call :func:`execute_run`), or with ``queue`` as
+    a background job. Returns the full id; a DataError names why a run cannot be resumed."""
+    from kdcore.learning.image_train import CHECKPOINTS
+
+    store = RunStore(workspace)
+    run = store.get(run_id)
+    if run.status == "done":
+        raise DataError(f"run {run.id} is done, so there is nothing to resume; train a new run "
+                        "to train longer")
+    if not (run.config or {}).get("student_arch"):
+        raise DataError(f"run {run.id} trained on {run.bundle or 'a bundle'}, and only image "
+                        "runs keep checkpoints to resume from; train it again")
+    last = store.runs_dir / run.id / CHECKPOINT_DIR / CHECKPOINTS[0]
+    if not last.is_file():
+        raise DataError(f"run {run.id} has no checkpoint ({last} is missing): it stopped "
+                        "before its first epoch ended; train it again")
+    store.reopen(run.id, queue=queue)
+    if queue:
+        start_queued(store.workspace)
+    return run.id
+
+
 def execute_distributed(run_id: str, workspace: str, threads: int, device: str,
-                        show_progress: bool) -> None:
+                        show_progress: bool, loader_workers: int | None = None) -> None:
     """One rank of a multi-process run (the target of ``distributed.spawn``)."""
     init_process_group(device)
     try:
@@ -110,7 +172,8 @@ def execute_distributed(run_id: str, workspace: str, threads: int, device: str,
 
         try:
             execute_run(run_id, workspace=workspace, threads=threads,
-                        on_step=on_step if bar is not None else None)
+                        on_step=on_step if bar is not None else None,
+                        loader_workers=loader_workers)
         except Cancelled:
             pass
         finally:

@@ -785,6 +785,34 @@ class RunStore:
             (now, now, run_id),
         )
 
+    def reopen(self, run_id: str, *, queue: bool = False) -> str:
+        """Put a stopped run (failed, e.g. interrupted, or cancelled) back to ``running`` by
+        this process, or with ``queue`` back in the job queue, to be resumed: its epochs and
+        start time are kept; its error, finish time and cancel request are cleared. Accepts a
+        unique id prefix; returns the full id. A done run, or one still queued or running, is
+        a DataError."""
+        self.reap_stale()
+        run_id = self.resolve_id(run_id)
+        now = _now()
+        pid = None if queue else os.getpid()
+        with self._write() as conn:
+            status = self._status(conn, run_id)
+            if status == "done":
+                raise DataError(f"run {run_id} is done, so there is nothing to resume; "
+                                "train a new run to train longer")
+            if status in ("queued", "running"):
+                raise DataError(f"run {run_id} is still {status}; only a stopped run (failed, "
+                                "interrupted or cancelled) can be resumed")
+            conn.execute(
+                "UPDATE runs SET status = ?, error = NULL, finished_at = NULL, updated_at = ?,"
+                " started_at = COALESCE(started_at, ?), pid = ?, pid_started = ?, host = ?,"
+                " cancel_requested = 0 WHERE id = ?",
+                ("queued" if queue else "running", now, now, pid, _pid_start(pid), self._host,
+                 run_id),
+            )
+        (self.runs_dir / run_id / CANCEL_FILE).unlink(missing_ok=True)
+        return run_id
+
     # ------------------------------------------------------------------ cancelling
 
     def request_cancel(self, run_id: str) -> str:

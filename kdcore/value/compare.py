@@ -1,19 +1,21 @@
 """Compare strategies over seeds, honestly: means, spreads, paired differences with intervals.
 
-Runs already finished with an identical config are reused from the store, and identical ones
-in flight are waited for; the rest are trained in parallel worker processes of this one
-(``compare``, the CLI; they die with it), or queued as background jobs (``start_demo``, the
-dashboard).
+Runs are planned from a bundle or tabular file (:func:`plan`) or from an image folder
+(:func:`plan_images`). Runs already finished with an identical config are reused from the
+store, and identical ones in flight are waited for; the rest are trained in parallel worker
+processes of this one (``compare``, the CLI; they die with it), or queued as background jobs
+(``start_demo``, the dashboard).
 """
 
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from multiprocessing import get_context
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +46,21 @@ def plan(bundle: Bundle, strategies: Sequence[str], seeds: Sequence[int],
             for s in strategies for seed in seeds]
 
 
+def plan_images(images: str | Path, strategies: Sequence[str], seeds: Sequence[int],
+                **overrides) -> list[TrainConfig]:
+    """One image run per (strategy, seed), from the preset and the overrides (the student, the
+    teacher, ...; see :meth:`TrainConfig.for_images`). Each strategy is checked once (the
+    folder, the student, the teacher on an image), its other seeds are copies of that config."""
+    configs = []
+    for strategy in strategies:
+        checked = None
+        for seed in seeds:
+            if checked is None:
+                checked = TrainConfig.for_images(images, strategy=strategy, seed=seed, **overrides)
+            configs.append(replace(checked, seed=seed))
+    return configs
+
+
 def run_all(store: RunStore, configs: Sequence[TrainConfig], *, workers: int = 2,
             on_done: Callable[[Run, bool], None] | None = None) -> list[Run]:
     """Reuse finished identical runs, wait for identical ones in flight, train the rest; return
@@ -53,6 +70,7 @@ def run_all(store: RunStore, configs: Sequence[TrainConfig], *, workers: int = 2
     ``compare`` commands at once train every run once: the second waits for the first's runs,
     and trains a run itself if the first ends without finishing it (killed, cancelled).
     ``on_done(run, reused)`` is called as each run becomes available. A failed run raises.
+    Each config's ``loader_workers`` (not stored with the run) goes to its training process.
     """
     for config in configs:  # every override read (and any error) before a run is created
         label_overrides.attach(config, store.workspace)
@@ -60,13 +78,15 @@ def run_all(store: RunStore, configs: Sequence[TrainConfig], *, workers: int = 2
     training: dict[Future, tuple[int, str]] = {}
     waiting: dict[int, str] = {}
     with ProcessPoolExecutor(max_workers=max(1, min(workers, len(configs))),
-                             mp_context=get_context("spawn"), initializer=exit_with_parent,
+                             mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_start_worker,
                              initargs=(os.getpid(),)) as pool:  # workers start on demand
 
         def claim(i: int) -> None:
             run_id, mine = store.claim(configs[i].to_dict())
             if mine:
-                training[pool.submit(execute_run, run_id, workspace=store.workspace)] = (i, run_id)
+                training[pool.submit(execute_run, run_id, workspace=store.workspace,
+                                     loader_workers=configs[i].loader_workers)] = (i, run_id)
             else:
                 waiting[i] = run_id
 
@@ -101,6 +121,14 @@ def run_all(store: RunStore, configs: Sequence[TrainConfig], *, workers: int = 2
                                       f"{configs[i].seed}) failed: {exc}") from None
                 available(i, store.get(run_id), False)
     return [runs[i] for i in range(len(configs))]
+
+
+def _start_worker(parent_pid: int) -> None:
+    """A pool worker ends with the command (:func:`exit_with_parent`) and starts its own
+    processes (an image run's loader workers) the platform's default way, not by spawn as it
+    was started: a spawned loader worker would import torch and kdcore again, seconds each."""
+    exit_with_parent(parent_pid)
+    multiprocessing.set_start_method(None, force=True)
 
 
 def summarise(runs: Sequence[Run], store: RunStore | None = None) -> dict:
@@ -431,11 +459,13 @@ def verdict(summary: dict) -> str:
     return text
 
 
-def compare(bundle: Bundle, store: RunStore, strategies: Sequence[str], seeds: Sequence[int], *,
-            workers: int = 2, on_done: Callable[[Run, bool], None] | None = None,
-            **overrides) -> dict:
-    """Plan, run what is missing, and summarise."""
-    configs = plan(bundle, strategies, seeds, **overrides)
+def compare(data: Bundle | str | Path, store: RunStore, strategies: Sequence[str],
+            seeds: Sequence[int], *, workers: int = 2,
+            on_done: Callable[[Run, bool], None] | None = None, **overrides) -> dict:
+    """Plan, run what is missing, and summarise. ``data`` is a loaded bundle or tabular file,
+    or with a ``student_arch`` among the overrides an image folder (:func:`plan_images`)."""
+    configs = (plan_images(data, strategies, seeds, **overrides)
+               if overrides.get("student_arch") else plan(data, strategies, seeds, **overrides))
     return summarise(run_all(store, configs, workers=workers, on_done=on_done), store)
 
 
