@@ -1,5 +1,5 @@
 """Shared, cached loaders for every dashboard page: the run store, data sources, bundles,
-image folders and thumbnails.
+image folders, thumbnails and the ROI measurement.
 
 Pages import this module; it holds no UI beyond ``show_error``. Data sources are named by
 what a user sees in a selectbox: the bundled sample first, then other bundles found in the
@@ -25,9 +25,10 @@ from kdcore.data import thumbnails
 from kdcore.data.bundles import Bundle, is_bundle, load_bundle, sample_bundle_path
 from kdcore.data.cifar import find_cifar_dir
 from kdcore.data.images import ImageSource, open_images
-from kdcore.data.sources import load_predictions
+from kdcore.data.sources import bundle_table, load_predictions
 from kdcore.data.tables import LOGIT_PREFIX, PredictionTable, read_prediction_table
 from kdcore.errors import DataError, KDCoreError
+from kdcore.learning.strategies import plain_name
 from kdcore.store.runs import RunStore
 from kdcore.store.tasks import PREDICTIONS_DIR
 from kdcore.workspace import resolve_workspace
@@ -116,6 +117,13 @@ def _load_bundle(path: str, mtime: float) -> Bundle:
     return bundle
 
 
+@st.cache_data(show_spinner="Loading the data…", max_entries=8)
+def _bundle_table(path: str, mtime: float, _bundle: Bundle) -> PredictionTable:
+    """A bundle's prediction table, made from the bundle already read (not read twice)."""
+    with _readable(path):
+        return bundle_table(_bundle)
+
+
 def _mtime(path: str) -> float:
     """When the bundle (its manifest) or the table file at ``path`` last changed."""
     file = Path(path.removeprefix(TABLE_PREFIX))
@@ -143,8 +151,8 @@ def load_source(name: str) -> PredictionTable:
         return st.session_state[UPLOADS][name]
     if value.startswith(TABLE_PREFIX):
         return _load_path(value.removeprefix(TABLE_PREFIX), _mtime(value))
-    source_bundle(name)  # the whole bundle checked here, so a later source_bundle() works
-    return _load_path(value, _mtime(value))
+    # the whole bundle read and checked here, once: its table and source_bundle() share it
+    return _bundle_table(value, _mtime(value), source_bundle(name))
 
 
 def source_bundle(name: str) -> Bundle | None:
@@ -232,6 +240,12 @@ def image_source(path: str | Path) -> ImageSource:
     return _image_source(str(folder), _folder_stamp(folder))
 
 
+def folder_stamp(path: str | Path) -> tuple:
+    """What changes when images are added to or removed from the folder at ``path``: a cache
+    key for work that reads the folder (the Train page's checked image runs)."""
+    return _folder_stamp(Path(path))
+
+
 @st.cache_data(show_spinner=False, max_entries=1024)
 def _file_thumbnail(path: str, mtime_ns: int) -> bytes | None:
     image = thumbnails.read_thumbnail(path)
@@ -295,6 +309,49 @@ def clicked(key: str, memory: str) -> list[int] | None:
         return None
     seen[key] = data
     return data
+
+
+def strategy_label(code: str) -> str:
+    """A strategy code with its plain-language name beside it ("kd+be+br · KD, bias removed,
+    rectified"); a name that is not (yet) valid, typed into a form, shows as typed."""
+    try:
+        return f"{code} · {plain_name(code)}"
+    except DataError:
+        return str(code)
+
+
+# ---------------------------------------------------------------- ROI measurements
+
+ROI_KEPT = 16  # measurements kept in memory, oldest dropped first
+
+
+@st.cache_resource(show_spinner=False)
+def _roi_measurements() -> dict[tuple, dict]:
+    return {}
+
+
+def roi_measurement(bundle_path: str | Path, run_id: str, threads: int = 1, *,
+                    measure: bool = True, again: bool = False) -> dict | None:
+    """The measured ROI document (default assumptions) of a student run, shared by the ROI page
+    and the Overview: timed once, then kept for every session until ``again`` asks for a new
+    measurement. With ``measure=False``: the kept one, or None when there is none yet."""
+    key = (str(workspace()), str(Path(bundle_path).resolve()), run_id, int(threads))
+    kept = _roi_measurements()
+    if key in kept and not again:
+        return kept[key]
+    if not measure:
+        return None
+    from kdcore.value import roi  # torch: loaded by the pages that measure, not by every page
+
+    with st.spinner("Timing the teacher and the student on this machine…"):
+        # an image folder is no bundle: the run itself says how to load its models
+        doc = roi.roi(store(), bundle_path if is_bundle(bundle_path) else None, run_id,
+                      threads=int(threads))
+    kept.pop(key, None)
+    kept[key] = doc
+    while len(kept) > ROI_KEPT:
+        kept.pop(next(iter(kept)))
+    return doc
 
 
 def show_error(exc: BaseException, prefix: str = "") -> None:

@@ -1,5 +1,5 @@
-"""The ``kdcore`` command line: demo, predict, analyze, train, compare, export, runs, roi,
-report, dashboard.
+"""The ``kdcore`` command line: demo, predict, analyze, train, compare, recommend, export, runs,
+roi, report, dashboard.
 
 With ``--json`` a command prints one JSON document on stdout and nothing else. Errors are one
 line on stderr: exit status 2 for bad input, 1 for an internal failure.
@@ -274,9 +274,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from kdcore.learning.export import export_weights
+    from kdcore.learning.export import check_out, export_onnx, export_weights
     from kdcore.store.runs import RunStore
 
+    check_out(args.out, args.format)  # a wrong --out is said before any model is loaded
+    if args.teacher is not None:
+        return _export_teacher(args)
+    given = [f"--{k.replace('_', '-')}" for k, v in _model_flags(args).items() if v is not None]
+    if args.run_id is None or given:
+        why = f"{given[0]} is for --teacher; " if given else ""
+        raise DataError(f"{why}give the RUN_ID to export (`kdcore runs` lists them), or "
+                        "--teacher [DATA] for a teacher")
     store = RunStore(args.workspace)
     run = store.get(args.run_id)
     if run.status != "done":
@@ -286,11 +294,50 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not weights.is_file():
         raise DataError(f"run {run.id} has no saved weights ({weights} is missing); train it "
                         "again to export it")
-    out = export_weights(weights, Path(args.out), args.format)
-    if args.json:
-        emit_json({"run": run.id, "format": args.format, "out": str(out)})
+    doc = {"run": run.id, "format": args.format}
+    if args.format == "onnx":
+        from kdcore.value.roi import models_for
+
+        _, student, inputs = models_for(run, store)
+        doc.update(export_onnx(student, inputs, args.out))
     else:
-        say(f"wrote {out} ({args.format}) from run {run.id}")
+        doc["out"] = str(export_weights(weights, Path(args.out), args.format))
+    if args.json:
+        emit_json(doc)
+    else:
+        say(f"wrote {doc['out']} ({args.format}) from run {run.id}{_checked(doc)}")
+    return 0
+
+
+def _checked(doc: dict) -> str:
+    if "max_abs_diff" not in doc:
+        return ""
+    return (f"; ONNX Runtime matches torch on {doc['rows_checked']:,} rows at batch "
+            f"{' and '.join(map(str, doc['batches_checked']))} (largest difference "
+            f"{doc['max_abs_diff']:.2g})")
+
+
+def _export_teacher(args: argparse.Namespace) -> int:
+    """``kdcore export --teacher [DATA] --format onnx``: a teacher that is a model, as ONNX."""
+    from kdcore.learning.export import export_onnx, teacher_for_export
+
+    if args.run_id is not None:
+        raise DataError(f"give a RUN_ID or --teacher, not both (the run's student is "
+                        f"{args.run_id}; drop --teacher to export it)")
+    if args.format != "onnx":
+        raise DataError(f"--teacher exports the whole model as onnx, not {args.format}: the "
+                        "teacher's weights are a file already; give --format onnx")
+    flags = _model_flags(args)
+    preprocess = _preprocess(args) if any(v is not None for v in flags.values()) else None
+    model, inputs, what = teacher_for_export(args.teacher or None, arch=flags["model"],
+                                             weights=flags["weights"],
+                                             model_file=flags["model_file"],
+                                             preprocess=preprocess)
+    doc = {"teacher": what, "format": "onnx", **export_onnx(model, inputs, args.out)}
+    if args.json:
+        emit_json(doc)
+    else:
+        say(f"wrote {doc['out']} (onnx) from {what}{_checked(doc)}")
     return 0
 
 
@@ -304,6 +351,92 @@ def _train_overrides(args: argparse.Namespace) -> dict:
         "device": args.device, "lq_drop_ce": getattr(args, "lq_drop_ce", None) or None,
         "amp": args.amp or None,
     }
+
+
+_IMAGE_FLAGS = {"student": "student_arch", "teacher": "teacher_arch",
+                "teacher_weights": "teacher_weights", "teacher_model": "teacher_model",
+                "preset": "preset", "normalize": "normalize", "image_size": "image_size",
+                "augment": "augment", "loader_workers": "loader_workers"}
+
+
+def _image_overrides(args: argparse.Namespace) -> dict:
+    """The image flags (see _add_image_training_options) as TrainConfig fields (None: not
+    given)."""
+    from kdcore.learning.predict import parse_image_size
+
+    values = {field: getattr(args, flag, None) for flag, field in _IMAGE_FLAGS.items()}
+    values["augment"] = values["augment"] or None
+    if values["image_size"] is not None:
+        values["image_size"] = list(parse_image_size(values["image_size"]))
+    return values
+
+
+def _image_run(args: argparse.Namespace) -> dict | None:
+    """The image flags as TrainConfig fields when ``--student`` makes this an image run; None
+    for a bundle or tabular run, after refusing image flags or an image folder without it."""
+    images = _image_overrides(args)
+    if images["student_arch"]:
+        if args.bundle is None:
+            raise DataError("--student trains on images: give the image folder (train/<class>/,"
+                            " test/<class>/) or CIFAR folder first")
+        return images
+    given = [f"--{flag.replace('_', '-')}" for flag, field in _IMAGE_FLAGS.items()
+             if images[field] is not None]
+    if args.bundle is not None and Path(args.bundle).is_dir():
+        from kdcore.data.images import is_image_source
+
+        if is_image_source(args.bundle):
+            raise DataError(f"{args.bundle} holds images: give the student's architecture with "
+                            "--student ARCH (e.g. resnet8x4) and its teacher")
+    if given:
+        raise DataError(f"{given[0]} is for image folders and needs --student ARCH")
+    return None
+
+
+def _training_config(args: argparse.Namespace):
+    """The run ``train`` asks for: on an image folder with ``--student``, else on a bundle or
+    a tabular file; checked before anything is stored."""
+    from kdcore.learning.train import TrainConfig
+
+    images = _image_run(args)
+    if images is not None:
+        return TrainConfig.for_images(args.bundle, strategy=args.strategy, seed=args.seed,
+                                      method_options=_method_options(args.method_option),
+                                      **_train_overrides(args), **images)
+    bundle = _load_training_data(args)  # checked with the options by for_bundle, before the store
+    return TrainConfig.for_bundle(bundle, strategy=args.strategy, seed=args.seed,
+                                  method_options=_method_options(args.method_option),
+                                  **_train_overrides(args))
+
+
+def _resumed_config(args: argparse.Namespace, store):
+    """``train --resume RUN_ID``: the run's stored config; flags that would change it are
+    refused (only --loader-workers, --threads and --nproc may differ)."""
+    from kdcore.learning.train import TrainConfig
+
+    images = _image_overrides(args)
+    flags = {**_train_overrides(args), "method_option": args.method_option,
+             **{flag: images[field] for flag, field in _IMAGE_FLAGS.items()
+                if flag != "loader_workers"}}
+    changed = [f"--{flag.replace('_', '-')}" for flag, v in flags.items() if v is not None]
+    if args.bundle is not None or changed:
+        raise DataError(f"--resume goes on with the run's stored settings; drop "
+                        f"{changed[0] if changed else args.bundle}")
+    return TrainConfig(**store.get(args.resume).config)
+
+
+def _method_options(pairs: list[str] | None) -> dict | None:
+    """``--method-option KEY=VALUE`` flags as TrainConfig.method_options (None: none given); the
+    method checks the keys and the values (kdcore.learning.losses.method_for)."""
+    options = {}
+    for pair in pairs or ():
+        key, _, value = pair.partition("=")
+        try:
+            options[key.strip()] = float(value)
+        except ValueError:
+            raise DataError(f"--method-option {pair!r}: give KEY=NUMBER, e.g. "
+                            "--method-option alpha_temperature=2") from None
+    return options or None
 
 
 def _hidden(text: str | None) -> list[int] | None:
@@ -334,34 +467,46 @@ def _load_training_data(args: argparse.Namespace):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from kdcore.learning import distributed
-    from kdcore.learning.train import Cancelled, TrainConfig
+    from kdcore.learning.train import Cancelled, check_options
     from kdcore.store import overrides as label_overrides
-    from kdcore.store.jobs import execute_distributed, execute_run
+    from kdcore.store.jobs import execute_distributed, execute_run, resume_run
     from kdcore.store.runs import RunStore
 
     for flag, value in (("--threads", args.threads), ("--nproc", args.nproc)):
         if value < 1:
             raise DataError(f"{flag} {value} is out of range; give 1 or more")
-    bundle = _load_training_data(args)  # checked with the options by for_bundle, before the store
-    config = TrainConfig.for_bundle(bundle, strategy=args.strategy, seed=args.seed,
-                                    **_train_overrides(args))
     store = RunStore(args.workspace)
-    label_overrides.attach(config, store.workspace)
+    if args.resume:
+        config = _resumed_config(args, store)
+    else:
+        config = _training_config(args)
+        label_overrides.attach(config, store.workspace)
+    workers = args.loader_workers
+    if workers is not None:  # checked with the config's options, except on --resume
+        check_options({"loader_workers": workers})
+
+    def open_run() -> str:
+        """The run to train: the resumed one, reopened (see resume_run), or a new one."""
+        if args.resume:
+            return resume_run(args.resume, workspace=store.workspace)
+        return store.create(config.to_dict())
+
     if distributed.launched_by_torchrun():  # every rank runs this; rank 0 owns the run
         distributed.init_process_group(config.device)
         try:
             lead = distributed.rank_and_world()[0] == 0
-            run_id = distributed.broadcast_str(store.create(config.to_dict()) if lead else None)
-            metrics = execute_run(run_id, workspace=store.workspace, threads=args.threads)
+            run_id = distributed.broadcast_str(open_run() if lead else None)
+            metrics = execute_run(run_id, workspace=store.workspace, threads=args.threads,
+                                  loader_workers=workers)
         finally:
             distributed.shutdown()
         if not lead:
             return 0
     elif args.nproc > 1:
-        run_id = store.create(config.to_dict())
+        run_id = open_run()
         try:
             distributed.spawn(execute_distributed, args.nproc, run_id, str(store.workspace),
-                              args.threads, config.device, not args.quiet)
+                              args.threads, config.device, not args.quiet, workers)
         except Exception:  # the rank's own error is in the store
             pass
         run = store.get(run_id)
@@ -369,7 +514,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise KDCoreError(f"run {run_id} {run.status}: {run.error or 'see kdcore runs show'}")
         metrics = run.metrics
     else:
-        run_id = store.create(config.to_dict())
+        run_id = open_run()
         bar = _progress(not args.quiet, 0, f"{config.strategy} seed {config.seed}", "step")
 
         def on_step(step: int, total: int) -> None:
@@ -378,7 +523,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         try:
             metrics = execute_run(run_id, workspace=store.workspace, threads=args.threads,
-                                  on_step=on_step)
+                                  on_step=on_step, loader_workers=workers)
         except Cancelled:
             say(f"run {run_id} cancelled", file=sys.stderr)
             return 1
@@ -405,7 +550,8 @@ def _run_compare(args: argparse.Namespace, strategies: list[str], seeds: int,
     from kdcore.store.runs import RunStore
     from kdcore.value.compare import compare
 
-    bundle = _load_training_data(args)
+    images = _image_run(args)  # an image folder with --student, else a bundle or table
+    data = args.bundle if images is not None else _load_training_data(args)
     store = RunStore(args.workspace)
     bar = _progress(not args.quiet, len(strategies) * seeds, "training students", "run")
     reused = []
@@ -415,10 +561,10 @@ def _run_compare(args: argparse.Namespace, strategies: list[str], seeds: int,
         bar.set_postfix_str(f"{run.strategy} seed {run.seed}")
         bar.update(1)
 
-    summary = compare(bundle, store, strategies, range(seeds), workers=args.workers,
-                      on_done=on_done, **overrides)
+    summary = compare(data, store, strategies, range(seeds), workers=args.workers,
+                      on_done=on_done, **overrides, **(images or {}))
     bar.close()
-    summary["bundle"] = bundle.name
+    summary["bundle"] = Path(data).resolve().name if images is not None else data.name
     summary["reused_runs"] = sum(reused)
     return summary
 
@@ -484,6 +630,43 @@ def cmd_compare(args: argparse.Namespace) -> int:
         emit_json(summary)
     else:
         _print_summary(summary)
+    return 0
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    """Successive halving over candidate recipes (kdcore.value.recommend)."""
+    from kdcore.store.runs import RunStore
+    from kdcore.value.recommend import plan_search, recommend
+
+    if args.workers < 1:
+        raise DataError(f"--workers {args.workers} is out of range; give 1 or more")
+    search = plan_search(_load_training_data(args), args.candidates, seeds_max=args.seeds_max,
+                         budget_runs=args.budget_runs, budget_minutes=args.budget_minutes,
+                         workspace=args.workspace, **_train_overrides(args))
+    bar = _progress(not args.quiet, search.budget_runs or search.full_grid_runs,
+                    "searching", "run")
+
+    def on_run(run, reused: bool, progress: dict) -> None:
+        bar.set_postfix_str(f"round {progress['round']}, {len(progress['survivors'])} "
+                            f"survivors, {run.strategy} seed {run.seed}")
+        bar.update(1)
+
+    try:
+        doc = recommend(search, RunStore(search.workspace), workers=args.workers, on_run=on_run)
+    finally:
+        bar.close()
+    if args.json:
+        emit_json(doc)
+        return 0
+    rows = [{"recipe": r["recipe"], "test acc (mean)": _pct(r["mean"]), "seeds": r["seeds"],
+             "dropped": (f"round {r['round_dropped']}" if r["round_dropped"] != "survived"
+                         else "survived"),
+             "vs leader when dropped (Holm)": _signed(r["delta_vs_leader"])}
+            for r in doc["ranking"]]
+    say(pd.DataFrame(rows).to_string(index=False))
+    say(f"\n{doc['summary']}")
+    for note in doc["notes"]:
+        say(f"note: {note}")
     return 0
 
 
@@ -584,13 +767,17 @@ def cmd_roi(args: argparse.Namespace) -> int:
     from kdcore.value.roi import public, roi, roi_table
 
     doc = roi(RunStore(args.workspace), args.bundle, args.run, assumptions=_assumptions(args),
-              threads=args.threads, repeats=args.repeats)
+              threads=args.threads, repeats=args.repeats, serving_batch=args.serving_batch,
+              measurements=args.measurements)
     if args.json:
         emit_json(public(doc))
         return 0
     m, a = doc["measurement"], doc["cost"]["assumptions"]
     say(f"{doc['bundle']}: teacher vs student run {doc['run_id']} ({doc['strategy']}), "
-        f"measured now on this machine ({m['device']}, {m['threads']} thread(s))\n")
+        f"measured now on this machine ({m['device']}, {m['threads']} thread(s)), "
+        f"{m['measurements']} measurements of {m['latency_calls']} calls at batch 1 and "
+        f"{m['throughput_calls']} at batch {m['throughput_batch']} each; median [95% "
+        "interval across measurements]\n")
     say(roi_table(doc).to_string(index=False))
     say(f"\nAssumptions: {a['requests_per_month']:,.0f} requests a month, "
         f"{format_money(a['cost_per_hour'])} per machine-hour, {a['utilisation']:.0%} "
@@ -679,6 +866,34 @@ def cmd_dashboard(args: argparse.Namespace) -> NoReturn:
 
 
 # ----------------------------------------------------------------------------- parser
+
+
+def _add_image_training_options(p: argparse.ArgumentParser) -> None:
+    """The flags of training on an image folder (IMAGES) instead of a bundle."""
+    g = p.add_argument_group("image folders (IMAGES: train/<class>/ and test/<class>/, or a "
+                             "CIFAR folder; program and ONNX teachers are code: load only "
+                             "trusted ones)")
+    g.add_argument("--student", metavar="ARCH",
+                   help="the student's zoo architecture, e.g. resnet8x4 (makes it an image run)")
+    g.add_argument("--teacher", metavar="ARCH",
+                   help="the teacher's zoo architecture, e.g. resnet32x4, with --teacher-weights")
+    g.add_argument("--teacher-weights", metavar="FILE",
+                   help="its state dict (.pt/.pth, read weights-only) or .safetensors")
+    g.add_argument("--teacher-model", metavar="FILE",
+                   help="or the whole teacher: TorchScript (.ts), torch.export (.pt2) or ONNX")
+    g.add_argument("--preset", metavar="NAME",
+                   help="a training recipe, overridden by any flag: cifar (mdistiller's "
+                        "CIFAR-100: batch 64, SGD lr 0.05 /10 at epochs 150, 180, 210 of 240, "
+                        "crop and flip)")
+    g.add_argument("--loader-workers", type=int, metavar="W",
+                   help="processes that decode and augment the images (default 0: the "
+                        "training process does it)")
+    g.add_argument("--normalize", choices=["none", "cifar10", "cifar100", "imagenet"],
+                   help="a mean/std preset (default none; cifar100 with --preset cifar)")
+    g.add_argument("--image-size", metavar="H[,W]",
+                   help="resize every image (needed when their sizes differ)")
+    g.add_argument("--augment", action="store_true",
+                   help="random crop (zero padding 4) and horizontal flip, as --preset cifar")
 
 
 def _add_training_options(p: argparse.ArgumentParser) -> None:
@@ -782,34 +997,84 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--split-seed", type=int, help="seed of that random split (default: 0)")
 
     p = command("train", cmd_train, "train one student and record the run", quiet=True)
-    p.add_argument("bundle", nargs="?",
-                   help="bundle folder or CSV/Parquet tabular file (default: the sample)")
+    p.add_argument("bundle", nargs="?", metavar="DATA",
+                   help="bundle folder, CSV/Parquet tabular file, or image folder / CIFAR folder "
+                        "with --student (default: the sample)")
     p.add_argument("--strategy", default="kd+be+br+dl",
-                   help="ce, kd, dkd, each with +be +br +dl +lq; or btkd (the paper's exact "
-                        "recipe)")
+                   help="ce, kd, dkd, ls, dist, rld, with the parts +be +br +dl +lq that apply "
+                        "(README); or btkd (the paper's exact recipe)")
+    p.add_argument("--method-option", action="append", metavar="KEY=VALUE",
+                   help="an option of the strategy's base loss, repeatable, e.g. "
+                        "alpha_temperature=2 for rld, beta=2 for dist or dkd (README)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--nproc", type=int, default=1,
                    help="processes on this machine (DDP: gloo on CPU, nccl on CUDA)")
+    p.add_argument("--resume", metavar="RUN_ID",
+                   help="go on with a stopped image run (interrupted, failed or cancelled) from "
+                        "its last checkpoint, with its stored settings")
     p.add_argument("--json", action="store_true")
     _add_training_options(p)
+    _add_image_training_options(p)
 
     p = command("compare", cmd_compare,
                 "compare strategies over seeds, paired against ce, kd and the teacher",
                 quiet=True)
-    p.add_argument("bundle", nargs="?",
-                   help="bundle folder or CSV/Parquet tabular file (default: the sample)")
+    p.add_argument("bundle", nargs="?", metavar="DATA",
+                   help="bundle folder, CSV/Parquet tabular file, or image folder / CIFAR folder "
+                        "with --student (default: the sample)")
     p.add_argument("--strategies", default="ce,kd,kd+be,kd+be+br,kd+be+br+dl")
     p.add_argument("--seeds", type=int, default=5, help="number of seeds (0..N-1)")
     p.add_argument("--workers", type=int, default=2, help="parallel training processes")
     p.add_argument("--json", action="store_true")
     _add_training_options(p)
+    _add_image_training_options(p)
 
-    p = command("export", cmd_export, "write a finished run's student weights to a file")
-    p.add_argument("run_id", help="the run (a unique prefix is enough)")
-    p.add_argument("--format", required=True, choices=["state_dict", "safetensors"])
+    p = command("recommend", cmd_recommend,
+                "find the best recipe by successive halving over candidates, without the full "
+                "grid", quiet=True)
+    p.add_argument("bundle", nargs="?",
+                   help="bundle folder or CSV/Parquet tabular file (default: the sample)")
+    p.add_argument("--candidates", nargs="+", metavar="RECIPE",
+                   help="recipes STRATEGY[@KEY=VALUE]..., space- or comma-separated, e.g. ce kd "
+                        "kd@T=2 kd+be+br+dl@T=8@lam=0.3 dkd@beta=4; KEY is a training setting "
+                        "(T, lam, lr, epochs, ...) or the base loss's own option (default: ce kd "
+                        "dkd ls dist rld kd+be+br+dl btkd kd@T=2 kd@T=8 kd+be+br+dl@T=2 "
+                        "kd+be+br+dl@T=8); give BUNDLE before --candidates")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--budget-runs", type=int, metavar="N",
+                        help="runs to use at most, reused ones included (default: half the "
+                             "full grid, candidates x seeds-max)")
+    budget.add_argument("--budget-minutes", type=float, metavar="M",
+                        help="wall-clock minutes; a round starts only with time left")
+    p.add_argument("--seeds-max", type=int, default=5, help="seeds a candidate gets at most")
+    p.add_argument("--workers", type=int, default=2, help="parallel training processes")
+    p.add_argument("--json", action="store_true")
+    _add_training_options(p)
+
+    p = command("export", cmd_export, "write a finished run's student (weights, or the model "
+                                      "as ONNX) or a teacher (as ONNX) to a file")
+    p.add_argument("run_id", nargs="?", help="the run (a unique prefix is enough)")
+    p.add_argument("--teacher", nargs="?", const="", metavar="DATA",
+                   help="export a teacher instead: the bundle's (DATA a bundle folder, default "
+                        "the sample), or --model/--weights or --model-file checked on the images "
+                        "of DATA (an image or CIFAR folder)")
+    p.add_argument("--format", required=True, choices=["state_dict", "safetensors", "onnx"],
+                   help="state_dict (.pt) or safetensors: the weights; onnx: the whole model "
+                        "with a dynamic batch, checked against torch with ONNX Runtime")
     p.add_argument("--out", required=True, help="the file to write")
     p.add_argument("--json", action="store_true")
+    g = p.add_argument_group("a teacher given as a model (with --teacher IMAGES)")
+    g.add_argument("--model", metavar="ARCH", help="a zoo architecture, e.g. resnet32x4")
+    g.add_argument("--weights", metavar="FILE",
+                   help="its state dict (.pt, read weights-only) or .safetensors")
+    g.add_argument("--model-file", metavar="FILE",
+                   help="a whole model to re-export: TorchScript (.ts) or torch.export (.pt2)")
+    g.add_argument("--image-size", metavar="H[,W]", help="resize the images it is checked on")
+    g.add_argument("--normalize", choices=["none", "cifar10", "cifar100", "imagenet"],
+                   help="a mean/std preset for those images (default none)")
+    g.add_argument("--mean", metavar="R,G,B", help="per-channel mean (with --std)")
+    g.add_argument("--std", metavar="R,G,B", help="per-channel std (with --mean)")
 
     p = command("runs", cmd_runs, "list, show, remove or cancel runs")
     p.add_argument("action", nargs="?", choices=["list", "show", "rm", "cancel"])
@@ -830,7 +1095,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("roi", cmd_roi, "measured size, speed and serving cost: teacher vs student")
     p.add_argument("bundle", nargs="?", help="bundle folder (default: the sample)")
     p.add_argument("--run", help="the student run (default: the best finished bias-aware one)")
-    p.add_argument("--repeats", type=int, default=300, help="timed calls per model at batch 1")
+    p.add_argument("--repeats", type=int, default=100,
+                   help="timed calls per model at batch 1, in each measurement (default 100)")
+    p.add_argument("--measurements", type=int, default=5,
+                   help="how many times the whole measurement is repeated, for the interval "
+                        "(default 5)")
+    p.add_argument("--serving-batch", type=int, default=32,
+                   help="the batch size served at, for the throughput figures (default 32)")
     p.add_argument("--json", action="store_true")
     cost_options(p)
 

@@ -9,6 +9,7 @@ import types
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
@@ -89,7 +90,7 @@ def test_overview_with_runs_shows_headline_numbers(with_runs):
     assert "Distillation vs labels alone" in labels
     assert "Student size (parameters)" in labels
     assert at.info and at.info[0].value  # the verdict sentence
-    assert not at.button  # no demo button once runs are finished
+    assert "Run the demo" not in [b.label for b in at.button]  # not once runs are finished
 
 
 # ---------------------------------------------------------------- teacher bias
@@ -386,7 +387,7 @@ def test_overview_fills_in_with_one_seed_per_strategy(tmp_path, monkeypatch, no_
     assert "5 of 25 runs done" in at.get("progress")[0].proto.text
     best = next(m for m in at.metric if m.label.startswith("Best"))
     assert "±" not in best.proto.help and "one seed" in best.proto.help
-    table = at.dataframe[0].value
+    table = next(d.value for d in at.dataframe if "± std (pts)" in d.value.columns)
     assert table["± std (pts)"].isna().all()  # shown as "—", not "± 0"
     assert table["accuracy (mean)"].between(1, 100).all()  # percent values, "%.1f%%"
 
@@ -470,3 +471,130 @@ def test_accuracy_bars_say_one_seed_not_plus_minus_zero():
                        for k in ("x", "hovertext")), strict=True))
     assert hover["kd"] == "91.0%, one seed"
     assert hover["ce"] == "88.0% ± 1.0% over 2 seeds"
+
+
+# ---------------------------------------------------------------- one story: ROI and Overview
+
+
+@pytest.fixture
+def quick_roi(monkeypatch):
+    """The pages' ROI measurement with few calls (seconds, not the CLI's default), and no
+    measurement kept from another test."""
+    from functools import partial
+
+    from kdcore.value import roi
+
+    monkeypatch.setattr(roi, "roi", partial(roi.roi, repeats=20, warmup=2, throughput_repeats=2,
+                                            measurements=2))
+    state._roi_measurements.clear()
+    yield
+    state._roi_measurements.clear()
+
+
+def _metric(at: AppTest, label: str):
+    return next(m for m in at.metric if m.label == label)
+
+
+def test_roi_page_on_the_sample_is_negligible_and_leads_with_payback(with_runs, quick_roi):
+    from kdcore.learning.strategies import plain_name
+
+    at = page("roi").run()
+    assert not at.exception and not at.error
+    best = selection.best_student(RunStore(with_runs).list(status="done"))
+    assert any(f"{best} · {plain_name(best)}" in md.value for md in at.markdown)
+    # the sample's teacher costs cents a month at the default traffic: payback leads
+    assert "Serving cost is negligible at this traffic" in at.warning[0].value
+    labels = [m.label for m in at.metric]
+    assert labels.index("Payback, in predictions") < labels.index(
+        "Teacher, per million predictions") < labels.index("Smaller (parameters)")
+    payback = _metric(at, "Payback, in predictions")
+    assert payback.value not in ("never", "n/a") and "95% interval" in payback.proto.delta
+    assert "95% interval $" in _metric(at, "Teacher, per million predictions").proto.delta
+    latency = next(d.value for d in at.dataframe if "runtime" in d.value.columns)
+    assert set(latency["runtime"]) == {"torch", "ONNX Runtime"}
+    assert set(latency["batch"]) == {1, 32}
+    assert latency["teacher (median [95% interval])"].str.contains(r"ms \[").all()
+    assert [d.proto.label for d in at.get("download_button")] == ["Download the report (HTML)"]
+
+    # at a traffic where the teacher's bill matters, the money leads and the warning goes
+    at.number_input(key="roi_requests").set_value(10**12).run()
+    assert not at.exception and not at.error and not at.warning
+    labels = [m.label for m in at.metric]
+    assert labels[0] == "Teacher, per million predictions"
+    assert labels.index("Saving, a month") < labels.index("Payback, in predictions")
+    assert "95% interval $" in _metric(at, "Saving, a month").proto.delta
+
+
+def test_overview_measures_on_request_and_tells_the_roi_pages_story(with_runs, quick_roi):
+    at = page("overview").run()
+    assert not at.exception and not at.error
+    table = next(d.value for d in at.dataframe if "best student" in d.value.columns)
+    rows = table.set_index("")
+    assert rows.loc["latency per request (median, batch 1)", "teacher"] == "not measured yet"
+    at.button(key="overview_measure").click().run()
+    assert not at.exception and not at.error
+    rows = next(d.value for d in at.dataframe if "best student" in d.value.columns).set_index("")
+    assert rows.loc["latency per request (median, batch 1)", "best student"].endswith("]")
+    assert rows.loc["cost per million predictions", "teacher"].startswith("$")
+    assert "on disk" in rows.loc["size on disk", "student vs teacher"]
+    best = selection.best_student(RunStore(with_runs).list(status="done"))
+    assert state.strategy_label(best) in [c.value for c in at.caption]
+    assert "Measure latency and cost" not in [b.label for b in at.button]
+
+    # the ROI page prices the same run, from the same measurement, and "smaller" is the same
+    roi_page = page("roi").run()
+    assert not roi_page.exception and not roi_page.error
+    measured_run = next(c.value for c in at.caption if c.value.startswith("Student: run `"))
+    run_id = measured_run.split("`")[1]
+    assert any(f"run `{run_id}`" in c.value for c in roi_page.caption)
+    smaller = _metric(roi_page, "Smaller (parameters)").value  # "125×"
+    assert rows.loc["size (parameters)", "student vs teacher"] == (
+        smaller.replace("×", "x") + " smaller")
+    assert _metric(at, "Student size (parameters)").value == smaller.replace("×", "× smaller")
+
+
+def test_roi_download_is_the_report_of_the_pages_measurement_and_assumptions(
+        with_runs, quick_roi, monkeypatch):
+    served = {}
+    real = st.download_button
+
+    def keep(label, data=None, **kwargs):
+        served[kwargs.get("key")] = data
+        return real(label, data=data, **kwargs)
+
+    monkeypatch.setattr(st, "download_button", keep)
+    at = page("roi").run()
+    at.number_input(key="roi_requests").set_value(20_000_000)
+    at.number_input(key="roi_price").set_value(2.5).run()
+    assert not at.exception and not at.error
+    html = served["roi_download"]().decode("utf-8")
+    assert "could not be built" not in html
+    assert "20,000,000" in html and "$2.50" in html and "10,000,000" not in html
+    latency = next(d.value for d in at.dataframe if "runtime" in d.value.columns)
+    torch_ms = latency["teacher (median [95% interval])"].iloc[0].split(" [")[0]  # "0.184 ms"
+    assert torch_ms in html  # the page's own measurement, not a new one
+    run_id = next(c.value for c in at.caption if c.value.startswith("Measured student: run `")
+                  ).split("`")[1]
+    assert f"<code>{run_id}</code>" in html
+
+
+def test_cost_per_million_bars_show_each_interval_and_the_saving():
+    from kdcore.value import figures
+
+    per_million = {"teacher": {"median": 0.02, "ci95": [0.015, 0.03]},
+                   "student": {"median": 0.005, "ci95": [0.004, 0.007]},
+                   "saving": {"median": 0.015, "ci95": [0.01, 0.024]}}
+    fig = figures.cost_per_million_bars(per_million, "kd+be+br")
+    bars, labels = fig.data
+    assert list(bars.marker.color) == [figures.TEACHER, figures.STUDENT]
+    assert list(bars.error_y.array) == pytest.approx([0.01, 0.002])  # up to each high end
+    assert list(bars.error_y.arrayminus) == pytest.approx([0.005, 0.001])
+    assert list(labels.text) == ["$0.02", "$0.005"] and list(labels.y) == [0.03, 0.007]
+    assert "saving $0.015" in fig.layout.title.text
+    size = figures.roi_scatter(pd.DataFrame([
+        {"model": "teacher", "kind": "teacher", "accuracy": 0.9, "accuracy_std": 0.0, "seeds": 0,
+         "params": 300_000},
+        {"model": "kd", "kind": "student", "accuracy": 0.92, "accuracy_std": 0.01, "seeds": 2,
+         "params": 2_400}]), "params", "kd")
+    assert size.layout.xaxis.title.text.startswith("size: parameters")
+    assert "100k" in size.layout.xaxis.ticktext and "1k" in size.layout.xaxis.ticktext

@@ -64,7 +64,7 @@ def test_full_report_has_every_part(full_report, trained):
     assert text.count('class="plotly-graph-div"') == 6
     assert NO_STUDENTS not in text
     for needed in ("Verdict.", "kd+be+br+dl", "serialized size", "latency, batch 1, p50",
-                   "throughput, batch 256", "requests per month", "5,000,000",
+                   "throughput, batch 32", "requests per month", "5,000,000",
                    "utilisation (busy share of billed time)", "cost model",
                    "Settings shared by every run", "epochs", f"kdcore {__version__}"):
         assert needed in text, needed

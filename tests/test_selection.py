@@ -90,7 +90,7 @@ def test_every_page_the_cli_and_the_report_name_the_same_student(disagreeing, mo
 
     roi_page = _page("roi", monkeypatch)
     assert not roi_page.exception and not roi_page.error
-    assert roi_page.selectbox(key="roi_student").value == BEST
+    assert any(f"Priced student: {BEST} · " in md.value for md in roi_page.markdown)
     assert f"The {BEST} student" in roi_page.info[0].value
 
     assert main(["roi", "--workspace", str(disagreeing), "--json", "--repeats", "20"]) == 0
@@ -175,3 +175,18 @@ def test_comparisons_share_normalisation_free_baselines(tmp_path):
         sorted([ids["kd", "batch"], ids["kd+be", "batch"]]),
         sorted([ids["kd", "batch"], ids["kd+be", "subset"]])])
     assert [r.id for r in selection.pending(store.list())] == [pending]
+
+
+def test_image_folders_name_the_folders_image_runs_trained_on(tmp_path):
+    """The ROI page offers them beside the bundles; bundle runs and unknown paths add none."""
+    def run(config):
+        return Run(id=str(len(config)), status="done", strategy="kd", seed=0, bundle=None,
+                   config=config, metrics={}, error=None, created_at="", started_at=None,
+                   finished_at=None, pid=None, host=None, step=0, total_steps=None, message="")
+
+    folder = tmp_path / "cats"
+    runs = [run({"bundle": str(folder), "student_arch": "resnet8x4"}),
+            run({"bundle": str(folder), "student_arch": "resnet8x4", "seed": 1}),
+            run({"bundle": str(tmp_path / "digits_vendor")}),
+            run({"student_arch": "resnet8"})]
+    assert selection.image_folders(runs) == {"cats (image folder)": str(folder.resolve())}

@@ -11,18 +11,28 @@ from kdcore.analysis.analyzer import report, select
 from kdcore.analysis.decision import CE
 from kdcore.data.bundles import sample_bundle_path
 from kdcore.errors import KDCoreError
-from kdcore.learning.strategies import DEFAULT_STRATEGIES
+from kdcore.learning.strategies import DEFAULT_STRATEGIES, plain_name
 from kdcore.store import selection
 from kdcore.store.jobs import default_max_jobs, start_queued
 from kdcore.store.runs import Run
 from kdcore.value import figures
 from kdcore.value.before_after import before_after, shown_students
 from kdcore.value.compare import BASELINE, start_demo, summarise
+from kdcore.value.formatting import (
+    format_bytes,
+    format_interval,
+    format_money,
+    format_payback,
+)
+from kdcore.value.recommend import latest_recommendation
 from kdcore.value.report import report_download
 from kdcore_app import state
 
 DEMO_RUNS = len(DEFAULT_STRATEGIES) * selection.DEMO_SEEDS
 SEEN_DONE = "overview_done_seen"  # finished runs the page last drew: another one reruns it
+LATENCY_ROW = "latency per request (median, batch 1)"
+COST_ROW = "cost per million predictions"
+PAYBACK_ROW = "payback, in predictions"
 
 
 def sample_runs() -> list[Run]:
@@ -32,6 +42,44 @@ def sample_runs() -> list[Run]:
 
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def side_by_side(teacher_accuracy: float | None, best: dict, teacher_params: int | None,
+                 measured: dict | None) -> pd.DataFrame:
+    """Accuracy, size (parameters), latency and cost of the teacher and the best student, one
+    row each; latency and cost come from the ROI measurement, "not measured yet" without one."""
+    n = len(best["seeds"])
+    spread = f" ± {best['std'] * 100:.1f} pts over {n} seeds" if n > 1 else " (one seed)"
+    s_params = best.get("student_params")
+    rows = [("accuracy on held-out data",
+             "—" if teacher_accuracy is None else f"{teacher_accuracy:.1%}",
+             f"{best['mean']:.1%}{spread}",
+             "—" if teacher_accuracy is None
+             else f"{(best['mean'] - teacher_accuracy) * 100:+.1f} pts"),
+            ("size (parameters)", f"{teacher_params:,}" if teacher_params else "—",
+             f"{s_params:,}" if s_params else "—",
+             f"{teacher_params / s_params:,.0f}x smaller" if s_params and teacher_params
+             else "—")]
+    if measured is None:
+        wait = "not measured yet"
+        rows += [(LATENCY_ROW, wait, wait, ""), (COST_ROW, wait, wait, "")]
+    else:
+        t, s = measured["teacher"], measured["student"]
+        latency = [format_interval({"median": side["latency_ms_p50"],
+                                    "ci95": side.get("latency_ms_p50_ci95")}, "{:,.3f}".format,
+                                   " ms")
+                   for side in (t, s)]
+        rows.append((LATENCY_ROW, *latency,
+                     f"{t['latency_ms_p50'] / s['latency_ms_p50']:,.1f}x faster"))
+        money = measured["cost_per_million"]
+        made = measured["student_training_cost"]["dollars"]
+        rows += [(COST_ROW, format_interval(money["teacher"]), format_interval(money["student"]),
+                  f"{format_money(money['saving']['median'])} saved"),
+                 (PAYBACK_ROW, "", format_payback(measured["payback_predictions"]),
+                  f"training cost {format_money(made)}"),
+                 ("size on disk", format_bytes(t["size_bytes"]), format_bytes(s["size_bytes"]),
+                  f"{t['size_bytes'] / s['size_bytes']:,.0f}x smaller on disk")]
+    return pd.DataFrame(rows, columns=["", "teacher", "best student", "student vs teacher"])
 
 
 @st.fragment(run_every=2)
@@ -65,6 +113,15 @@ def demo_progress() -> None:
         st.rerun(scope="app")
 
 
+def render_recommendation() -> None:
+    """The latest recipe search on the sample (``kdcore recommend``), one line and a link."""
+    found = latest_recommendation(state.store().workspace, sample_bundle_path())
+    if found:
+        st.info(f"**Recipe search:** {found['summary']}", icon=":material/search:")
+        st.page_link("app_pages/train.py", label="The search on the Train page",
+                     icon=":material/arrow_forward:")
+
+
 st.title("Can the student beat its biased teacher?")
 st.markdown(
     "A large **teacher** model is distilled into a much smaller **student**. Teachers make "
@@ -80,6 +137,7 @@ st.download_button(
     on_click="ignore",
     help="One HTML file that opens offline: the teacher's bias, the comparison, size, speed "
          "and serving cost, and the configs and seeds behind them (same as `kdcore report`).")
+render_recommendation()
 try:
     all_runs = store.list()
 except KDCoreError as exc:
@@ -183,14 +241,44 @@ t_params = runs[0].metrics.get("teacher_params")
 if s_params and t_params:
     m4.metric("Student size (parameters)", f"{t_params / s_params:,.0f}× smaller",
               delta=f"{s_params:,} vs {t_params:,} parameters", delta_color="off",
-              delta_arrow="off", help="Parameters of the student against the teacher's; the "
-                                      "ROI page compares bytes on disk.")
+              delta_arrow="off", help="Parameters of the student against the teacher's: "
+                                      "what \"smaller\" means on every page; bytes on disk "
+                                      "are shown as such.")
 else:
     m4.metric("Student size (parameters)", "—")
+
+m2.caption(state.strategy_label(best_name))
 
 head, sep, rest = summary["verdict"].partition(":")
 st.info(f"**{head}:** {rest.strip()}" if sep and len(head) < 20 else summary["verdict"],
         icon=":material/lightbulb:")
+
+# ---------------------------------------------------------------- side by side, with the cost
+st.subheader("Teacher and best student, side by side")
+priced = selection.closest_to_mean(selection.by_strategy(runs)[best_name])
+measured = state.roi_measurement(sample_bundle_path(), priced.id, measure=False)
+if measured is None and st.button(
+        "Measure latency and cost", icon=":material/timer:", key="overview_measure",
+        help="Times the teacher and this student now, on this machine (the ROI page's "
+             "measurement; it takes a few seconds and is kept for every page)."):
+    try:
+        state.roi_measurement(sample_bundle_path(), priced.id)
+    except KDCoreError as exc:
+        state.show_error(exc, "Cannot measure: ")
+    else:
+        st.rerun()  # drawn again without the button
+st.dataframe(side_by_side(teacher, best, t_params, measured), hide_index=True, width="stretch")
+if measured is None:
+    st.caption("Latency and cost are measured, never assumed: press **Measure latency and "
+               "cost**, or open the **ROI** page, which measures them and sets the traffic.")
+else:
+    a = measured["cost"]["assumptions"]
+    st.caption(f"Student: run `{measured['run_id']}`, {state.strategy_label(best_name)}. "
+               f"Latency measured on this machine with torch, median and 95% interval over the "
+               f"repeated measurements; cost at {format_money(a['cost_per_hour'])} per "
+               f"machine-hour and {a['utilisation']:.0%} utilisation; payback: the predictions "
+               "it takes before the serving saving repays what training the student cost. The "
+               "**ROI** page has the bill at your traffic and ONNX Runtime.")
 
 # ---------------------------------------------------------------- before / after per class
 try:
@@ -208,7 +296,8 @@ st.caption("Where the teacher is biased (low grey bars) the students are trained
            "bias page.")
 
 with st.expander("All strategies"):
-    rows = [{"strategy": n, "accuracy (mean)": e["mean"] * 100,
+    rows = [{"strategy": n, "in words": plain_name(n),
+             "accuracy (mean)": e["mean"] * 100,
              "± std (pts)": e["std"] * 100 if len(e["seeds"]) > 1 else None,
              "vs ce (pts)": (e["delta_vs_ce"]["mean"] * 100
                              if e.get("delta_vs_ce") and n != CE else None),

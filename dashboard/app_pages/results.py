@@ -20,7 +20,7 @@ from kdcore.analysis.decision import CE
 from kdcore.analysis.metrics import error_map
 from kdcore.data.bundles import load_dataset
 from kdcore.errors import KDCoreError
-from kdcore.learning.strategies import strategy_order
+from kdcore.learning.strategies import plain_name, strategy_order
 from kdcore.store import selection
 from kdcore.store.runs import STATUSES, Run
 from kdcore.value import figures
@@ -156,6 +156,7 @@ def render_decision(summary: dict, best_name: str) -> None:
             help=f"The highest mean last-epoch test accuracy over {len(entry['seeds'])} seeds"
                  + (". ce trains on the labels alone: distillation does not pay here."
                     if best == CE else "."))
+        cols[1].caption(state.strategy_label(best))
         vs_teacher = decision.get("delta_vs_teacher") or entry.get("delta_vs_teacher")
         cols[2].metric(
             "Beats the teacher?", _answer(decision.get("beats_teacher")),
@@ -226,6 +227,7 @@ def render_comparison(summary: dict, best_name: str) -> None:
         ci = delta.get("ci95") if delta else None
         rows.append({
             "strategy": name,
+            "in words": plain_name(name),
             "seeds": len(entry["seeds"]),
             "accuracy": 100 * entry["mean"],
             "std": 100 * entry["std"] if len(entry["seeds"]) > 1 else nan,  # one seed: "—"
@@ -321,6 +323,7 @@ def render_significance(summary: dict, best_name: str) -> None:
     left, right = st.columns([2, 3])
     strategy = left.selectbox("Strategy", names, key="results_sig_strategy",
                               index=names.index(default) if default in names else 0,
+                              format_func=state.strategy_label,
                               help="By default the strategy of the hurts / fixes lists below.")
     per_class = entries[strategy]["per_class"]
     options = [a for a in figures.AGAINST if a != strategy
@@ -382,7 +385,8 @@ def render_error_map(group: list[Run], summary: dict, best_name: str) -> None:
     names = list(runs)
     left, middle, right = st.columns([2, 1, 2])
     strategy = left.selectbox("Student", names, key="results_err_strategy",
-                              index=names.index(best_name) if best_name in names else 0)
+                              index=names.index(best_name) if best_name in names else 0,
+                              format_func=state.strategy_label)
     by_seed = {r.seed: r for r in runs[strategy]}
     default = median_run(runs[strategy]).seed
     seeds = list(by_seed)
@@ -515,7 +519,8 @@ def render_calibration(group: list[Run], summary: dict, best_name: str) -> None:
         return
     chosen = st.multiselect("Students on the diagram", options,
                             default=[n for n in shown_students(group) if n in options],
-                            key="results_calibration_strategies")
+                            key="results_calibration_strategies",
+                            format_func=state.strategy_label)
     curves = {"teacher": diagrams["teacher"], **{n: pooled[n] for n in chosen}}
     st.plotly_chart(figures.calibration_reliability(curves, highlight=best_name),
                     key="results_reliability_chart")
@@ -527,7 +532,7 @@ def render_per_class(group: list[Run], summary: dict, best_name: str) -> None:
     st.subheader("Per class: before (teacher) and after (students)")
     options = strategy_order(list(summary["strategies"]))
     chosen = st.multiselect("Students to show", options, default=shown_students(group),
-                            key="results_class_strategies")
+                            key="results_class_strategies", format_func=state.strategy_label)
     try:
         frame = before_after(state.store(), group, chosen)
     except KDCoreError as exc:
@@ -562,7 +567,7 @@ def render_curves(group: list[Run], summary: dict, best_name: str) -> None:
     left, right = st.columns([3, 1])
     options = strategy_order(list(summary["strategies"]))
     chosen = left.multiselect("Strategies", options, default=options,
-                              key="results_curve_strategies")
+                              key="results_curve_strategies", format_func=state.strategy_label)
     mode = right.radio("Show", ["Mean and range", "Each seed"], key="results_curve_mode",
                        horizontal=True)
     runs = tuple((r.id, r.strategy, r.seed) for r in group if r.strategy in chosen)

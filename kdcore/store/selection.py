@@ -92,6 +92,17 @@ def on_bundle(runs: Sequence[Run], path: str | Path) -> list[Run]:
     return [r for r in runs if _data_path(r) == target]
 
 
+def image_folders(runs: Sequence[Run]) -> dict[str, str]:
+    """Image folder name -> path, for the folders that runs trained on (``student_arch`` set):
+    the data choices of pages that read finished runs, beside the bundles."""
+    folders: dict[str, str] = {}
+    for run in runs:
+        path = _data_path(run)
+        if run.config.get("student_arch") and path is not None:
+            folders.setdefault(f"{path.name} (image folder)", str(path))
+    return folders
+
+
 def _data_path(run: Run) -> Path | None:
     path = run.config.get("bundle") or run.bundle
     try:

@@ -61,17 +61,47 @@ def count_axis(top: float) -> dict:
     return dict(tickformat=",d", dtick=1) if top <= 10 else dict(tickformat=",d")
 
 
-def _finish(fig: go.Figure, title: str, *, height: int | None = None) -> go.Figure:
-    fig.update_layout(
+def _base_layout(title: str, height: int | None = None) -> dict:
+    """The layout every chart starts from: title top left, legend in a row above the plot."""
+    layout = dict(
         title=dict(text=_plain(title), x=0, xanchor="left"),
-        font=_FONT,
+        font=dict(_FONT),
         margin=dict(l=10, r=10, t=60, b=10),
         legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1),
         hoverlabel=dict(namelength=-1),
     )
     if height:
-        fig.update_layout(height=height)
+        layout["height"] = height
+    return layout
+
+
+def _finish(fig: go.Figure, title: str, *, height: int | None = None) -> go.Figure:
+    fig.update_layout(_base_layout(title, height))
     return fig
+
+
+def _spec_figure(data: list[dict], layout: dict) -> go.Figure:
+    """A figure from plain trace and layout dicts, skipping Plotly's check of every property.
+
+    That check (and ``update_layout``, ``make_subplots``, ``add_vrect``) costs tens of
+    milliseconds a chart, many times the analysis behind the Teacher-bias page's charts. The
+    dicts are written as Plotly's validator would leave them (titles as ``{"text": ...}``,
+    colour scales as lists); tests/test_figures.py runs each through the validator.
+    """
+    return go.Figure({"data": data, "layout": layout}, _validate=False)
+
+
+def _title(text: str) -> dict:
+    return {"text": text}
+
+
+# Plotly's "Reds" as its validator spells it out (plotly.js's own "Reds" is another scale)
+_ERROR_COLOURS = getattr(px.colors.sequential, ERROR_SCALE)
+_ERROR_SCALE = [[i / (len(_ERROR_COLOURS) - 1), c] for i, c in enumerate(_ERROR_COLOURS)]
+# bias_rate_bars' two panels, as make_subplots(rows=2, row_heights=[0.7, 0.3],
+# vertical_spacing=0.06) lays them out
+_PANEL_GAP = 0.06
+_LOWER_PANEL = 0.3 * (1 - _PANEL_GAP)
 
 
 def bias_rate_bars(per_class: pd.DataFrame) -> go.Figure:
@@ -97,8 +127,11 @@ def bias_rate_bars(per_class: pd.DataFrame) -> go.Figure:
         if s else f"class {c}: no samples"
         for c, w, s, r, m in zip(classes, wrong, support, rate0, confused, strict=True)
     ]
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.7, 0.3],
-                        vertical_spacing=0.06)
+    rate_text = [f"{r:.1%}" if s else "" for r, s in zip(rate0, support, strict=True)]
+    top_panel = dict(type="bar", x=classes, customdata=idx, hoverinfo="text", xaxis="x",
+                     yaxis="y")
+    layout = _base_layout("Where the teacher is wrong: share of each class it misclassifies",
+                          height=430)
     split = ("label_error_rate" in df and df["label_error_rate"].notna().any())
     if split:  # stacked: teacher bias (red) under likely label errors (amber)
         le = df["label_error_rate"].to_numpy(dtype=float)
@@ -106,35 +139,31 @@ def bias_rate_bars(per_class: pd.DataFrame) -> go.Figure:
         n_le = np.rint(np.nan_to_num(le) * support).astype(int)
         hover = [f"{h}<br>teacher bias: {w - e}, likely label errors: {e}"
                  for h, w, e in zip(hover, wrong, n_le, strict=True)]
-        fig.add_trace(go.Bar(
-            x=classes, y=tb, name="teacher bias", marker_color=WRONG, customdata=idx,
-            hovertext=hover, hoverinfo="text"), row=1, col=1)
-        fig.add_trace(go.Bar(
-            x=classes, y=le, name="likely label errors", marker_color=LABEL_ERROR,
-            text=[f"{r:.1%}" if s else "" for r, s in zip(rate0, support, strict=True)],
-            textposition="outside", customdata=idx, hovertext=hover, hoverinfo="text",
-        ), row=1, col=1)
-        fig.update_layout(barmode="stack")
+        data = [dict(top_panel, y=tb, name="teacher bias", marker=dict(color=WRONG),
+                     hovertext=hover),
+                dict(top_panel, y=le, name="likely label errors",
+                     marker=dict(color=LABEL_ERROR), text=rate_text, textposition="outside",
+                     hovertext=hover)]
+        layout["barmode"] = "stack"
     else:
-        fig.add_trace(go.Bar(
-            x=classes, y=rate, name="bias rate (share wrong)", marker_color=WRONG,
-            text=[f"{r:.1%}" if s else "" for r, s in zip(rate0, support, strict=True)],
-            textposition="outside", customdata=idx, hovertext=hover, hoverinfo="text",
-        ), row=1, col=1)
-    fig.add_trace(go.Bar(
-        x=classes, y=support, name="samples in class", marker_color=SUPPORT,
+        data = [dict(top_panel, y=rate, name="bias rate (share wrong)", marker=dict(color=WRONG),
+                     text=rate_text, textposition="outside", hovertext=hover)]
+    data.append(dict(
+        type="bar", x=classes, y=support, name="samples in class", marker=dict(color=SUPPORT),
         text=[str(s) for s in support], textposition="outside", customdata=idx,
-        hovertext=hover, hoverinfo="text",
-    ), row=2, col=1)
+        hovertext=hover, hoverinfo="text", xaxis="x2", yaxis="y2"))
     top = float(np.nanmax(rate)) if np.isfinite(rate).any() else 0.0
-    fig.update_yaxes(title_text="teacher wrong", tickformat=".0%",
-                     range=[0, max(top * 1.25, 0.05)], row=1, col=1)
-    fig.update_yaxes(title_text="samples", range=[0, max(support.max(initial=0) * 1.35, 1)],
-                     row=2, col=1, **count_axis(support.max(initial=0)))
-    fig.update_xaxes(title_text="true class", type="category", row=2, col=1)
-    fig.update_layout(bargap=0.25, clickmode="event+select")
-    return _finish(fig, "Where the teacher is wrong: share of each class it misclassifies",
-                   height=430)
+    most = support.max(initial=0)
+    layout.update(
+        xaxis=dict(anchor="y", domain=[0.0, 1.0], matches="x2", showticklabels=False),
+        xaxis2=dict(anchor="y2", domain=[0.0, 1.0], title=_title("true class"),
+                    type="category"),
+        yaxis=dict(anchor="x", domain=[_LOWER_PANEL + _PANEL_GAP, 1.0], tickformat=".0%",
+                   title=_title("teacher wrong"), range=[0, max(top * 1.25, 0.05)]),
+        yaxis2=dict(anchor="x2", domain=[0.0, _LOWER_PANEL], title=_title("samples"),
+                    range=[0, max(most * 1.35, 1)], **count_axis(most)),
+        bargap=0.25, clickmode="event+select")
+    return _spec_figure(data, layout)
 
 
 def error_confusion_heatmap(error_confusion, class_names: Sequence[str],
@@ -162,40 +191,39 @@ def error_confusion_heatmap(error_confusion, class_names: Sequence[str],
     shares = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
     z = (shares if normalise else counts).copy()
     np.fill_diagonal(z, np.nan)
-    text = np.where(counts > 0,
-                    np.vectorize(lambda v: f"{v:.0%}")(shares) if normalise
-                    else counts.astype(int).astype(str), "")
-    np.fill_diagonal(text, "")
-    hover = np.empty((k, k), dtype=object)
-    for i in range(k):
-        for j in range(k):
-            hover[i, j] = ("correct predictions (not shown)" if i == j else
-                           f"true {names[i]}, teacher said {names[j]}: {int(counts[i, j])} "
-                           f"samples ({shares[i, j]:.0%} of class {names[i]}'s mistakes)")
-    fig = go.Figure(go.Heatmap(
-        z=z, x=names, y=names, text=text, texttemplate="%{text}", hovertext=hover,
-        hoverinfo="text", colorscale=ERROR_SCALE, zmin=0, xgap=1, ygap=1,
-        colorbar=dict(title="share" if normalise else "samples",
-                      **(dict(tickformat=".0%") if normalise
-                         else count_axis(np.nanmax(z, initial=0)))),
-    ))
+    text = [[("" if i == j or not counts[i, j] else
+              f"{shares[i, j]:.0%}" if normalise else str(int(counts[i, j])))
+             for j in range(k)] for i in range(k)]
+    hover = [[("correct predictions (not shown)" if i == j else
+               f"true {names[i]}, teacher said {names[j]}: {int(counts[i, j])} "
+               f"samples ({shares[i, j]:.0%} of class {names[i]}'s mistakes)")
+              for j in range(k)] for i in range(k)]
+    colorbar = dict(title=_title("share" if normalise else "samples"),
+                    **(dict(tickformat=".0%") if normalise
+                       else count_axis(np.nanmax(z, initial=0))))
     ti, pj = np.nonzero(counts > 0)
-    fig.add_trace(go.Scatter(
-        x=[names[j] for j in pj], y=[names[i] for i in ti], mode="markers",
-        marker=dict(symbol="square", size=28, color="rgba(0,0,0,0)"),
-        selected=dict(marker=dict(color="rgba(0,0,0,0)")),
-        unselected=dict(marker=dict(opacity=1)),
-        customdata=[[int(shown[i]), int(shown[j])] for i, j in zip(ti, pj, strict=True)],
-        hovertext=[hover[i, j] for i, j in zip(ti, pj, strict=True)], hoverinfo="text",
-        showlegend=False, name="mistakes",
-    ))
-    fig.update_xaxes(title_text="teacher's prediction", type="category", side="bottom")
-    fig.update_yaxes(title_text="true class", type="category", autorange="reversed")
-    fig.update_layout(plot_bgcolor="white", clickmode="event+select")
+    data = [
+        dict(type="heatmap", z=z, x=names, y=names, text=text, texttemplate="%{text}",
+             hovertext=hover, hoverinfo="text", colorscale=_ERROR_SCALE, zmin=0, xgap=1,
+             ygap=1, colorbar=colorbar),
+        dict(type="scatter", x=[names[j] for j in pj], y=[names[i] for i in ti],
+             mode="markers", marker=dict(symbol="square", size=28, color="rgba(0,0,0,0)"),
+             selected=dict(marker=dict(color="rgba(0,0,0,0)")),
+             unselected=dict(marker=dict(opacity=1)),
+             customdata=[[int(shown[i]), int(shown[j])] for i, j in zip(ti, pj, strict=True)],
+             hovertext=[hover[i][j] for i, j in zip(ti, pj, strict=True)], hoverinfo="text",
+             showlegend=False, name="mistakes"),
+    ]
     what = "share of each class's mistakes" if normalise else "number of samples"
     if k < len(class_names):
         what += f"; the {k} of {len(class_names):,} classes with the most mistakes"
-    return _finish(fig, f"Which classes the teacher confuses ({what})", height=460)
+    layout = _base_layout(f"Which classes the teacher confuses ({what})", height=460)
+    layout.update(xaxis=dict(title=_title("teacher's prediction"), type="category",
+                             side="bottom"),
+                  yaxis=dict(title=_title("true class"), type="category",
+                             autorange="reversed"),
+                  plot_bgcolor="white", clickmode="event+select")
+    return _spec_figure(data, layout)
 
 
 def _most_confused(true: np.ndarray, predicted: np.ndarray, count: np.ndarray,
@@ -216,16 +244,17 @@ def top_confusions_bar(top_confusions: pd.DataFrame, limit: int = 10) -> go.Figu
     labels = [f"{_plain(t)} read as {_plain(p)}"
               for t, p in zip(df["true"], df["predicted"], strict=True)]
     counts, shares = df["count"].tolist(), df["share"].tolist()
-    fig = go.Figure(go.Bar(
-        x=counts, y=labels, orientation="h", marker_color=WRONG,
+    data = [dict(
+        type="bar", x=counts, y=labels, orientation="h", marker=dict(color=WRONG),
         text=[f"{c} ({s:.1%} of all mistakes)" for c, s in zip(counts, shares, strict=True)],
         textposition="auto", hoverinfo="text",
         hovertext=[f"{lab}: {c} samples" for lab, c in zip(labels, counts, strict=True)],
-    ))
-    fig.update_xaxes(title_text="samples", **count_axis(max(counts, default=0)))
-    fig.update_yaxes(title_text="")
-    return _finish(fig, "The teacher's most frequent mistakes",
-                   height=max(220, 60 + 32 * len(df)))
+    )]
+    layout = _base_layout("The teacher's most frequent mistakes",
+                          height=max(220, 60 + 32 * len(df)))
+    layout.update(xaxis=dict(title=_title("samples"), **count_axis(max(counts, default=0))),
+                  yaxis=dict(title=_title("")))
+    return _spec_figure(data, layout)
 
 
 def confidence_histogram(confidence: np.ndarray, wrong: np.ndarray, bins: int = 20) -> go.Figure:
@@ -234,42 +263,47 @@ def confidence_histogram(confidence: np.ndarray, wrong: np.ndarray, bins: int = 
     wrong = np.asarray(wrong, dtype=bool)
     edges = np.linspace(0, 1, bins + 1)
     centres = (edges[:-1] + edges[1:]) / 2
-    fig = go.Figure()
+    data = []
     for name, mask, colour in (("right", ~wrong, RIGHT), ("wrong", wrong, WRONG)):
         counts, _ = np.histogram(np.clip(confidence[mask], 0, 1), bins=edges)
         share = counts / max(mask.sum(), 1)
-        fig.add_trace(go.Bar(
-            x=centres, y=share, name=f"{name} ({int(mask.sum())})", marker_color=colour,
-            customdata=counts, hovertemplate=(
+        data.append(dict(
+            type="bar", x=centres, y=share, name=f"{name} ({int(mask.sum())})",
+            marker=dict(color=colour), customdata=counts, hovertemplate=(
                 f"{name}: %{{customdata}} samples with confidence "
                 "%{x:.0%}±" + f"{50 / bins:.1f}%<extra></extra>")))
-    fig.update_layout(barmode="group", bargap=0.1)
-    fig.update_xaxes(title_text="teacher's confidence in its prediction", tickformat=".0%",
-                     range=[0, 1])
-    fig.update_yaxes(title_text="share of predictions", tickformat=".0%")
-    return _finish(fig, "Is the teacher less sure when it is wrong?", height=380)
+    layout = _base_layout("Is the teacher less sure when it is wrong?", height=380)
+    layout.update(barmode="group", bargap=0.1,
+                  xaxis=dict(title=_title("teacher's confidence in its prediction"),
+                             tickformat=".0%", range=[0, 1]),
+                  yaxis=dict(title=_title("share of predictions"), tickformat=".0%"))
+    return _spec_figure(data, layout)
 
 
 def reliability_diagram(reliability_df: pd.DataFrame) -> go.Figure:
     """Accuracy against confidence per bin; the diagonal is a perfectly calibrated teacher."""
     df = reliability_df[reliability_df["count"] > 0]
-    fig = go.Figure()
-    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="perfectly calibrated",
-                             line=dict(color=TEACHER, dash="dash"), hoverinfo="skip"))
-    fig.add_trace(go.Scatter(
-        x=df["mean_confidence"], y=df["accuracy"], mode="lines+markers", name="teacher",
-        line=dict(color=STUDENT), marker=dict(size=np.clip(np.sqrt(df["count"]), 6, 16)),
-        customdata=np.stack([df["count"], df["bin_lower"], df["bin_upper"]], 1),
-        hovertemplate=("confidence %{customdata[1]:.0%}–%{customdata[2]:.0%}: "
-                       "%{customdata[0]} samples, said %{x:.0%} sure, right %{y:.0%}"
-                       "<extra></extra>")))
-    fig.update_xaxes(title_text="teacher's confidence", tickformat=".0%", range=[0, 1.02])
-    fig.update_yaxes(title_text="how often it was right", tickformat=".0%", range=[0, 1.02])
-    fig = _finish(fig, "Can the teacher's confidence be trusted?", height=380)
-    fig.update_layout(title_subtitle_text="points below the dashed line: more sure than right",
-                      margin=dict(t=80), legend=dict(orientation="v", yanchor="top", y=0.98,
-                                                     xanchor="left", x=0.02))
-    return fig
+    data = [
+        dict(type="scatter", x=[0, 1], y=[0, 1], mode="lines", name="perfectly calibrated",
+             line=dict(color=TEACHER, dash="dash"), hoverinfo="skip"),
+        dict(type="scatter", x=df["mean_confidence"].to_numpy(),
+             y=df["accuracy"].to_numpy(), mode="lines+markers", name="teacher",
+             line=dict(color=STUDENT),
+             marker=dict(size=np.clip(np.sqrt(df["count"].to_numpy()), 6, 16)),
+             customdata=np.stack([df["count"], df["bin_lower"], df["bin_upper"]], 1),
+             hovertemplate=("confidence %{customdata[1]:.0%}–%{customdata[2]:.0%}: "
+                            "%{customdata[0]} samples, said %{x:.0%} sure, right %{y:.0%}"
+                            "<extra></extra>")),
+    ]
+    layout = _base_layout("Can the teacher's confidence be trusted?", height=380)
+    layout["title"]["subtitle"] = _title("points below the dashed line: more sure than right")
+    layout["margin"]["t"] = 80
+    layout.update(legend=dict(orientation="v", yanchor="top", y=0.98, xanchor="left", x=0.02),
+                  xaxis=dict(title=_title("teacher's confidence"), tickformat=".0%",
+                             range=[0, 1.02]),
+                  yaxis=dict(title=_title("how often it was right"), tickformat=".0%",
+                             range=[0, 1.02]))
+    return _spec_figure(data, layout)
 
 
 def probability_bars(class_names: Sequence[str], teacher_probs: np.ndarray,
@@ -277,23 +311,28 @@ def probability_bars(class_names: Sequence[str], teacher_probs: np.ndarray,
                      title: str | None = None, height: int = 260) -> go.Figure:
     """The teacher's distribution and the distribution after rectification, side by side."""
     names = [_plain(c) for c in class_names]
-    fig = go.Figure()
-    fig.add_trace(go.Bar(x=names, y=np.asarray(teacher_probs, float), name="teacher",
-                         marker_color=WRONG,
-                         hovertemplate="class %{x}: %{y:.1%}<extra>teacher</extra>"))
-    fig.add_trace(go.Bar(x=names, y=np.asarray(rectified_probs, float),
-                         name="after rectification", marker_color=RECTIFIED,
-                         hovertemplate="class %{x}: %{y:.1%}<extra>rectified</extra>"))
-    if true_class is not None:
-        fig.add_vrect(x0=true_class - 0.5, x1=true_class + 0.5, fillcolor="gold",
-                      opacity=0.18, line_width=0, annotation_text="true",
-                      annotation_position="top left")
-    fig.update_layout(barmode="group", bargap=0.2)
-    fig.update_xaxes(title_text="class", type="category")
-    fig.update_yaxes(title_text="probability", tickformat=".0%", range=[0, 1.05])
-    fig = _finish(fig, title or "Teacher's probabilities vs after rectification", height=height)
-    fig.update_layout(margin=dict(l=10, r=10, t=50, b=10))
-    return fig
+    data = [
+        dict(type="bar", x=names, y=np.asarray(teacher_probs, float), name="teacher",
+             marker=dict(color=WRONG),
+             hovertemplate="class %{x}: %{y:.1%}<extra>teacher</extra>"),
+        dict(type="bar", x=names, y=np.asarray(rectified_probs, float),
+             name="after rectification", marker=dict(color=RECTIFIED),
+             hovertemplate="class %{x}: %{y:.1%}<extra>rectified</extra>"),
+    ]
+    layout = _base_layout(title or "Teacher's probabilities vs after rectification",
+                          height=height)
+    layout["margin"]["t"] = 50
+    layout.update(barmode="group", bargap=0.2,
+                  xaxis=dict(title=_title("class"), type="category"),
+                  yaxis=dict(title=_title("probability"), tickformat=".0%", range=[0, 1.05]))
+    if true_class is not None:  # a gold band over the true class, as add_vrect draws it
+        layout["shapes"] = [dict(type="rect", x0=true_class - 0.5, x1=true_class + 0.5,
+                                 xref="x", y0=0, y1=1, yref="y domain", fillcolor="gold",
+                                 opacity=0.18, line=dict(width=0))]
+        layout["annotations"] = [dict(text="true", showarrow=False, x=true_class - 0.5,
+                                      xanchor="left", xref="x", y=1, yanchor="top",
+                                      yref="y domain")]
+    return _spec_figure(data, layout)
 
 
 def image_grid(images: np.ndarray, titles: Sequence[str] | None = None, *,
@@ -761,7 +800,8 @@ def job_curves(df: pd.DataFrame) -> go.Figure:
 # 100x the student.
 
 _ROI_AXES = {
-    "size_bytes": ("serialized size (bytes, log scale)", "size"),
+    "params": ("size: parameters (log scale)", "size"),
+    "size_bytes": ("size on disk (bytes, log scale)", "size on disk"),
     "latency_ms_p50": ("latency at batch 1, median ms (log scale)", "latency"),
 }
 
@@ -776,6 +816,11 @@ def _log_ticks(lo: float, hi: float) -> tuple[list[float], list[float]]:
 
 
 def _tick_text(value: float, column: str) -> str:
+    if column == "params":
+        for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+            if value >= scale:
+                return f"{value / scale:g}{unit}"
+        return f"{value:g}"
     if column == "size_bytes":
         for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
             if value >= scale:
@@ -786,9 +831,9 @@ def _tick_text(value: float, column: str) -> str:
 
 def roi_scatter(points: pd.DataFrame, x: str = "size_bytes",
                 highlight: str | None = None) -> go.Figure:
-    """Accuracy against size (``x="size_bytes"``) or latency (``x="latency_ms_p50"``): the
-    teacher as a grey diamond, each student strategy as a dot in its colour (``highlight``,
-    the measured student, blue) with ± std over seeds.
+    """Accuracy against size (``x="params"``, parameters; ``x="size_bytes"``, bytes on disk)
+    or latency (``x="latency_ms_p50"``): the teacher as a grey diamond, each student strategy
+    as a dot in its colour (``highlight``, the measured student, blue) with ± std over seeds.
 
     ``points``: ``kdcore.value.roi.strategy_points`` (columns ``model``, ``kind``, ``accuracy``,
     ``accuracy_std``, ``seeds``, ``size_bytes``, ``latency_ms_p50``, ...). Every strategy
@@ -800,7 +845,7 @@ def roi_scatter(points: pd.DataFrame, x: str = "size_bytes",
     fig = go.Figure()
     teacher = points[points["kind"] == "teacher"]
     students = points[points["kind"] == "student"].reset_index(drop=True)
-    unit = "ms" if x == "latency_ms_p50" else "bytes"
+    unit = {"latency_ms_p50": "ms", "params": "parameters"}.get(x, "bytes")
     if len(teacher):
         fig.add_trace(go.Scatter(
             x=teacher[x], y=teacher["accuracy"], mode="markers+text", name="teacher",
@@ -846,3 +891,34 @@ def roi_cost_bars(cost: dict, student: str = "student") -> go.Figure:
     what = (f"saving {format_money(saving)}" if saving >= 0
             else f"the student costs {format_money(-saving)} more")
     return _finish(fig, f"Monthly serving cost ({what} a month)", height=360)
+
+
+def cost_per_million_bars(per_million: dict, student: str = "student") -> go.Figure:
+    """Dollars per million predictions of the teacher and the student, each bar the median over
+    the repeated measurements with its 95% interval as an error bar, from a ``kdcore.value.roi``
+    ``cost_per_million`` object (``teacher``, ``student``, ``saving``: ``{median, ci95}``)."""
+    sides = [per_million["teacher"], per_million["student"]]
+    values = [float(s["median"]) for s in sides]
+    cis = [s.get("ci95") or [s["median"], s["median"]] for s in sides]
+    names = ["teacher", f"student ({student})"]
+    fig = go.Figure(go.Bar(
+        x=names, y=values, marker_color=[TEACHER, STUDENT],
+        error_y=dict(type="data", symmetric=False, visible=True, color="#333333",
+                     array=[hi - v for v, (_, hi) in zip(values, cis, strict=True)],
+                     arrayminus=[v - lo for v, (lo, _) in zip(values, cis, strict=True)]),
+        customdata=[[format_money(v), format_money(lo), format_money(hi)]
+                    for v, (lo, hi) in zip(values, cis, strict=True)],
+        hovertemplate="%{x}: %{customdata[0]} per million predictions, 95% interval "
+                      "%{customdata[1]} to %{customdata[2]}<extra></extra>"))
+    fig.add_trace(go.Scatter(  # each median written above its whisker, clear of it
+        x=names, y=[hi for _, hi in cis], mode="text", text=[format_money(v) for v in values],
+        textposition="top center", showlegend=False, hoverinfo="skip"))
+    top = max(max(hi for _, hi in cis), max(values))
+    fig.update_yaxes(title_text="$ per million predictions", tickprefix="$",
+                     range=[0, (top if top > 0 else 1.0) * 1.25])
+    fig.update_xaxes(title_text="bars: median; whiskers: 95% interval over the measurements")
+    fig.update_layout(showlegend=False, bargap=0.45)
+    saving = per_million["saving"]
+    what = (f"saving {format_money(saving['median'])}" if saving["median"] >= 0
+            else f"the student costs {format_money(-saving['median'])} more")
+    return _finish(fig, f"Serving cost per million predictions ({what})", height=380)

@@ -34,16 +34,28 @@ import torch
 from kdcore import __version__
 from kdcore.analysis.analyzer import report as bias_report
 from kdcore.analysis.analyzer import select
-from kdcore.data.bundles import Bundle, load_bundle, load_dataset
+from kdcore.data.bundles import Bundle, load_bundle
+from kdcore.data.images import is_image_source, open_images
 from kdcore.data.sources import bundle_table
+from kdcore.data.tables import PredictionTable
 from kdcore.errors import DataError, KDCoreError
 from kdcore.store import selection
 from kdcore.store.runs import Run, RunStore
 from kdcore.value import figures
 from kdcore.value.before_after import before_after, shown_students
 from kdcore.value.compare import BASELINE, summarise
-from kdcore.value.formatting import format_money
-from kdcore.value.roi import CostAssumptions, roi, roi_table, strategy_points
+from kdcore.value.formatting import format_interval, format_money, format_payback
+from kdcore.value.predictions import load_test_predictions
+from kdcore.value.recommend import latest_recommendation
+from kdcore.value.roi import (
+    CostAssumptions,
+    is_image_run,
+    roi,
+    roi_table,
+    run_dataset,
+    strategy_points,
+    with_assumptions,
+)
 
 FORMATS = ("html", "pdf", "png")
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
@@ -60,14 +72,31 @@ class Chart:
     figure: figures.Figure
 
     def __post_init__(self) -> None:
-        self.figure.update_layout(template="plotly_white")
+        # the template itself, not its name: a figure built without validation
+        # (figures._spec_figure) keeps a name as a plain string, which plotly.io cannot render
+        self.figure.update_layout(template=plotly.io.templates["plotly_white"])
+
+
+@dataclass
+class ImageFolder:
+    """The image folder (or CIFAR folder) image runs were trained on, named as a bundle is.
+    Its teacher is not run again: the report reads its held-out predictions from a run's saved
+    test predictions."""
+
+    path: Path
+    manifest: dict = field(default_factory=dict)
+    data_options: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
 
 
 @dataclass
 class ReportData:
     """Everything the page shows, computed once."""
 
-    bundle: Bundle
+    bundle: Bundle | ImageFolder
     generated_at: str
     workspace: str
     splits: dict                      # split -> {n_samples, teacher_accuracy or None}
@@ -79,6 +108,7 @@ class ReportData:
     roi_error: str | None = None
     charts: list[Chart] = field(default_factory=list)
     selection: str = ""
+    recommendation: dict | None = None  # the latest `kdcore recommend` on the bundle
 
 
 # --------------------------------------------------------------------------- choosing runs
@@ -108,8 +138,7 @@ def select_runs(store: RunStore, bundle: Bundle | None = None,
         if run.status != "done":
             raise DataError(f"run {run.id} is {run.status}, not done; pass finished runs "
                             "(`kdcore runs` lists them)")
-        this = load_dataset(run.config.get("bundle") or run.bundle,
-                            **run.config.get("data_options", {}))
+        this = ImageFolder(Path(run.config["bundle"])) if is_image_run(run) else run_dataset(run)
         if run_bundle is None:
             run_bundle = this
         elif Path(this.path) != Path(run_bundle.path):
@@ -136,12 +165,20 @@ def _ordered(runs: Sequence[Run]) -> list[Run]:
 
 def build_report(store: RunStore, bundle: str | Path | Bundle | None = None,
                  run_ids: Sequence[str] | None = None, *,
-                 assumptions: CostAssumptions | None = None, threads: int = 1) -> ReportData:
-    """Collect the numbers and the charts of the report (measures the ROI now)."""
-    if bundle is not None and not isinstance(bundle, Bundle):
-        bundle = load_bundle(bundle)
+                 assumptions: CostAssumptions | None = None, threads: int = 1,
+                 roi_doc: dict | None = None) -> ReportData:
+    """Collect the numbers and the charts of the report.
+
+    The ROI is measured now, priced under ``assumptions``; or, with ``roi_doc`` (a measured
+    ``kdcore.value.roi.roi`` document, e.g. the ROI page's) of a student among the reported
+    runs, that measurement is reported as it is, re-priced under ``assumptions`` when given,
+    so the report says what the page says."""
+    if bundle is not None and not isinstance(bundle, (Bundle, ImageFolder)):
+        bundle = (ImageFolder(open_images(bundle).root) if is_image_source(bundle)
+                  else load_bundle(bundle))
     runs, bundle, how = select_runs(store, bundle, run_ids)
-    table = bundle_table(bundle)
+    table = (_held_out_table(store, bundle, runs) if isinstance(bundle, ImageFolder)
+             else bundle_table(bundle))
     splits = {}
     for name in table.splits:
         part = table.subset(name)
@@ -153,6 +190,8 @@ def build_report(store: RunStore, bundle: str | Path | Bundle | None = None,
         bundle=bundle, generated_at=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         workspace=str(store.workspace), splits=splits, per_class=held_out.per_class,
         top_confusions=held_out.top_confusions, runs=runs, selection=how)
+    data.recommendation = latest_recommendation(store.workspace, bundle.path,
+                                                bundle.data_options)
     data.charts.append(Chart("teacher-bias", "Teacher bias per class",
                              figures.bias_rate_bars(held_out.per_class)))
     data.charts.append(Chart("teacher-confusion", "Teacher's confusions",
@@ -170,16 +209,35 @@ def build_report(store: RunStore, bundle: str | Path | Bundle | None = None,
               "over seeds)")))
     student = selection.closest_to_mean(selection.by_strategy(runs)[best])
     try:
-        data.roi = roi(store, bundle, student.id, assumptions=assumptions, threads=threads)
+        if roi_doc is not None and roi_doc.get("run_id") in {r.id for r in runs}:
+            data.roi = with_assumptions(roi_doc, assumptions) if assumptions else roi_doc
+        else:
+            data.roi = roi(store, None if isinstance(bundle, ImageFolder) else bundle, student.id,
+                           assumptions=assumptions, threads=threads)
     except KDCoreError as exc:
         data.roi_error = str(exc)
     else:
-        data.charts.append(Chart("cost", "Monthly serving cost",
-                                 figures.roi_cost_bars(data.roi["cost"], data.roi["strategy"])))
+        data.charts.append(Chart("cost", "Serving cost per million predictions",
+                                 figures.cost_per_million_bars(data.roi["cost_per_million"],
+                                                               data.roi["strategy"])))
         data.charts.append(Chart("accuracy-latency", "Accuracy against latency",
                                  figures.roi_scatter(strategy_points(data.roi, runs),
                                                      "latency_ms_p50", highlight=best)))
     return data
+
+
+def _held_out_table(store: RunStore, folder: ImageFolder, runs: Sequence[Run]) -> PredictionTable:
+    """The teacher's held-out predictions on an image folder, from the first run's saved test
+    predictions (every run of one comparison saves the same teacher's)."""
+    if not runs:
+        raise DataError(f"{folder.path}: no finished runs on this image folder; train some "
+                        "first (kdcore compare IMAGES --student ARCH ...)")
+    preds = load_test_predictions(store, runs[0])
+    return PredictionTable(source=folder.name, class_names=preds.class_names,
+                           outputs=np.asarray(preds.teacher_logits, dtype=np.float32),
+                           kind="logits", labels=np.asarray(preds.labels, dtype=np.int64),
+                           split=np.full(len(preds.labels), "test", dtype=object),
+                           sample_id=None, extra=None)
 
 
 # --------------------------------------------------------------------------- rendering
@@ -320,6 +378,40 @@ def _error_map_html(summary: dict) -> str:
             + '<p class="meta">Test samples, counts pooled (summed) over the seeds.</p>')
 
 
+def roi_kpis(doc: dict) -> list[tuple[str, str]]:
+    """The ROI's headline figures in the order the ROI page gives them: when serving cost is
+    negligible at the traffic, the payback first; else the cost per million predictions."""
+    per_million, back = doc.get("cost_per_million"), doc.get("payback_predictions") or {}
+    money = ([("saving per million predictions", format_interval(per_million["saving"]))]
+             if per_million else [])
+    payback = [("payback, in predictions", format_payback(back))] if back else []
+    lead = (payback + money) if doc.get("negligible") else (money + payback)
+    return lead + [
+        ("smaller (parameters)", f"{doc['params_ratio']:,.0f}x"),
+        ("faster (batch 1, p50)", f"{doc['speedup']:,.1f}x"),
+        ("accuracy change", f"{doc['accuracy_change'] * 100:+.1f} pts"),
+        ("saving a month", format_interval({"median": doc["cost"]["saving_monthly"],
+                                            "ci95": doc["cost"].get("saving_monthly_ci95")})),
+    ]
+
+
+def _recommendation_html(doc: dict | None) -> str:
+    """The latest recipe search (``kdcore recommend``): its answer and every candidate."""
+    if not doc:
+        return ""
+    rows = [{"recipe": r["recipe"], "test accuracy (mean)": _pct(r["mean"]), "seeds": r["seeds"],
+             "dropped": ("survived" if r["round_dropped"] == "survived"
+                         else f"round {r['round_dropped']}"),
+             "vs leader when dropped (Holm)": _delta(r["delta_vs_leader"])}
+            for r in doc["ranking"]]
+    return ("<h3>Recipe search</h3>"
+            f'<p class="note">{_e(doc["summary"])}</p>' + _table(pd.DataFrame(rows))
+            + '<p class="meta">Successive halving (<code>kdcore recommend</code>, finished '
+            f"{_e(doc.get('finished_at', ''))}): each round adds a seed to the recipes still in "
+            "the race and drops those whose paired interval against the leader, Holm-adjusted, "
+            "lies below zero.</p>")
+
+
 def render_html(data: ReportData, *, static: dict[str, str] | None = None) -> str:
     """The report as one HTML document. ``static`` maps a chart slug to a data: URL image
     (for print); otherwise the charts are interactive, Plotly's JavaScript inlined once."""
@@ -412,6 +504,8 @@ def render_html(data: ReportData, *, static: dict[str, str] | None = None) -> st
         out.append(_calibration_html(data.summary))
         out.append(_error_map_html(data.summary))
 
+    out.append(_recommendation_html(data.recommendation))
+
     # ---- ROI
     out.append("<h2>3. Return on investment: size, speed and cost</h2>")
     if not data.summary:
@@ -421,12 +515,7 @@ def render_html(data: ReportData, *, static: dict[str, str] | None = None) -> st
     else:
         doc = data.roi
         out.append(f'<p class="note">{_e(doc["summary"])}</p>')
-        out.append(_kpis([
-            ("smaller (bytes on disk)", f"{doc['size_ratio']:,.1f}x"),
-            ("faster (batch 1, p50)", f"{doc['speedup']:,.1f}x"),
-            ("accuracy change", f"{doc['accuracy_change'] * 100:+.1f} pts"),
-            ("saving a month", format_money(doc["cost"]["saving_monthly"])),
-        ]))
+        out.append(_kpis(roi_kpis(doc)))
         out.append(f"<p>Student measured: run <code>{_e(doc['run_id'])}</code> "
                    f"({_e(doc['strategy'])}); its accuracy is the mean over the seeds "
                    f"{_e(', '.join(str(s) for s in doc['student']['seeds']))}.</p>")
