@@ -330,6 +330,14 @@ def _roi_measurements() -> dict[tuple, dict]:
     return {}
 
 
+ROI_ASSUMPTIONS = "roi_assumptions"  # the ROI page's last cost assumptions, for other pages
+
+
+def roi_assumptions():
+    """The cost assumptions last entered on the ROI page in this session, or None (defaults)."""
+    return st.session_state.get(ROI_ASSUMPTIONS)
+
+
 def roi_measurement(bundle_path: str | Path, run_id: str, threads: int = 1, *,
                     measure: bool = True, again: bool = False) -> dict | None:
     """The measured ROI document (default assumptions) of a student run, shared by the ROI page

@@ -1093,10 +1093,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch threads while timing, recorded with the result (default 1)")
 
     p = command("roi", cmd_roi, "measured size, speed and serving cost: teacher vs student")
-    p.add_argument("bundle", nargs="?", help="bundle folder (default: the sample)")
-    p.add_argument("--run", help="the student run (default: the best finished bias-aware one)")
+    p.add_argument("bundle", nargs="?", metavar="DATA",
+                   help="bundle folder or image folder (default: the sample)")
+    p.add_argument("--run", help="the student run (default: the best student of the "
+                                 "comparison, as the verdict picks it, ce included)")
     p.add_argument("--repeats", type=int, default=100,
-                   help="timed calls per model at batch 1, in each measurement (default 100)")
+                   help="timed calls per model at batch 1, in each measurement (default 100; "
+                        "fewer for a model too slow to fit about 3 s)")
     p.add_argument("--measurements", type=int, default=5,
                    help="how many times the whole measurement is repeated, for the interval "
                         "(default 5)")

@@ -553,8 +553,8 @@ def test_overview_measures_on_request_and_tells_the_roi_pages_story(with_runs, q
     assert _metric(at, "Student size (parameters)").value == smaller.replace("×", "× smaller")
 
 
-def test_roi_download_is_the_report_of_the_pages_measurement_and_assumptions(
-        with_runs, quick_roi, monkeypatch):
+def served_downloads(monkeypatch) -> dict:
+    """Keeps what each download button would serve (its ``data``), by key."""
     served = {}
     real = st.download_button
 
@@ -563,6 +563,12 @@ def test_roi_download_is_the_report_of_the_pages_measurement_and_assumptions(
         return real(label, data=data, **kwargs)
 
     monkeypatch.setattr(st, "download_button", keep)
+    return served
+
+
+def test_roi_download_is_the_report_of_the_pages_measurement_and_assumptions(
+        with_runs, quick_roi, monkeypatch):
+    served = served_downloads(monkeypatch)
     at = page("roi").run()
     at.number_input(key="roi_requests").set_value(20_000_000)
     at.number_input(key="roi_price").set_value(2.5).run()
@@ -598,3 +604,22 @@ def test_cost_per_million_bars_show_each_interval_and_the_saving():
          "params": 2_400}]), "params", "kd")
     assert size.layout.xaxis.title.text.startswith("size: parameters")
     assert "100k" in size.layout.xaxis.ticktext and "1k" in size.layout.xaxis.ticktext
+
+
+def test_overview_follows_the_roi_pages_assumptions(with_runs, quick_roi, monkeypatch):
+    """Assumptions entered on the ROI page price the Overview's payback and its report too."""
+    from kdcore.value.roi import CostAssumptions
+
+    served = served_downloads(monkeypatch)
+    at = page("overview").run()
+    at.button(key="overview_measure").click().run()
+    assert "$0.10 per machine-hour" in next(c.value for c in at.caption
+                                            if c.value.startswith("Student: run `"))
+    at.session_state[state.ROI_ASSUMPTIONS] = CostAssumptions(
+        requests_per_month=20_000_000, cost_per_hour=2.5, utilisation=0.5)
+    at.run()
+    assert not at.exception and not at.error
+    assert "$2.50 per machine-hour" in next(c.value for c in at.caption
+                                            if c.value.startswith("Student: run `"))
+    html = served["overview_download_report"]().decode("utf-8")
+    assert "20,000,000" in html and "$2.50" in html

@@ -341,6 +341,12 @@ def test_roi_of_an_image_run(tmp_path):
     assert doc["teacher"]["params"] == sum(p.numel() for p in teacher.parameters())
     assert doc["onnx"]["student"]["latency_ms_p50"] > 0
     assert doc["teacher"]["accuracy"] == store.get(run_id).metrics["teacher_test_accuracy"]
+    # the folder alone: its best student is found as on a bundle (kdcore roi IMAGES)
+    by_folder = roi_mod.roi(store, root, repeats=5, warmup=1, throughput_repeats=2,
+                            measurements=2)
+    assert by_folder["run_id"] == run_id
+    with pytest.raises(DataError, match="no finished student on"):
+        roi_mod.roi(RunStore(tmp_path / "empty"), root, measurements=2)
 
 
 def test_the_document_adds_onnx_intervals_cost_per_million_and_payback(trained):
@@ -543,3 +549,31 @@ def test_roi_page_empty_store(tmp_path, monkeypatch):
     assert not at.exception
     assert "No students were trained yet" in at.info[0].value
 
+
+
+def test_a_slow_model_gets_fewer_calls_within_the_budget():
+    """A model whose calls would overrun the time budget is timed with fewer calls (never fewer
+    than MIN_CALLS), and the document says how many; a fast one keeps every call."""
+    import time as clock
+
+    class Slow(torch.nn.Module):
+        def forward(self, x):
+            clock.sleep(0.01)
+            return x
+
+    class Fast(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    x = np.zeros((4, 3), dtype=np.float32)
+    slow = roi_mod.measure_models({"teacher": Slow(), "student": Fast()}, x, repeats=100,
+                                  warmup=10, throughput_repeats=20, measurements=1,
+                                  budget_s=0.2)
+    m = slow["measurement"]
+    assert roi_mod.MIN_CALLS <= m["latency_calls"] < 100
+    assert roi_mod.MIN_CALLS <= m["throughput_calls"] < 20
+    assert len(slow["teacher"]["latency_samples_ms"]) == m["latency_calls"]
+    fast = roi_mod.measure_models({"teacher": Fast(), "student": Fast()}, x, repeats=50,
+                                  warmup=5, throughput_repeats=10, measurements=1, budget_s=5.0)
+    assert fast["measurement"]["latency_calls"] == 50
+    assert fast["measurement"]["throughput_calls"] == 10

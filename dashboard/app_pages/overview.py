@@ -26,6 +26,7 @@ from kdcore.value.formatting import (
 )
 from kdcore.value.recommend import latest_recommendation
 from kdcore.value.report import report_download
+from kdcore.value.roi import with_assumptions
 from kdcore_app import state
 
 DEMO_RUNS = len(DEFAULT_STRATEGIES) * selection.DEMO_SEEDS
@@ -132,7 +133,9 @@ st.markdown(
 
 store = state.store()
 st.download_button(
-    "Download report", data=partial(report_download, store), file_name="kdcore-report.html",
+    "Download report", data=partial(report_download, store,
+                                    assumptions=state.roi_assumptions()),
+    file_name="kdcore-report.html",
     mime="text/html", icon=":material/download:", key="overview_download_report",
     on_click="ignore",
     help="One HTML file that opens offline: the teacher's bias, the comparison, size, speed "
@@ -257,6 +260,8 @@ st.info(f"**{head}:** {rest.strip()}" if sep and len(head) < 20 else summary["ve
 st.subheader("Teacher and best student, side by side")
 priced = selection.closest_to_mean(selection.by_strategy(runs)[best_name])
 measured = state.roi_measurement(sample_bundle_path(), priced.id, measure=False)
+if measured is not None and state.roi_assumptions() is not None:  # priced as on the ROI page
+    measured = with_assumptions(measured, state.roi_assumptions())
 if measured is None and st.button(
         "Measure latency and cost", icon=":material/timer:", key="overview_measure",
         help="Times the teacher and this student now, on this machine (the ROI page's "

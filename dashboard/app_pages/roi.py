@@ -175,6 +175,7 @@ try:
     assumptions = roi.CostAssumptions(requests_per_month=float(requests),
                                       cost_per_hour=float(price),
                                       utilisation=utilisation / 100)
+    st.session_state[state.ROI_ASSUMPTIONS] = assumptions  # the Overview and its report follow
     base = state.roi_measurement(data_path, run.id, int(threads),
                                  again=st.session_state.pop(AGAIN, False))
     doc = roi.with_assumptions(base, assumptions)

@@ -58,6 +58,7 @@ import pandas as pd
 import torch
 
 from kdcore.data.bundles import Bundle, load_bundle, load_dataset
+from kdcore.data.images import is_image_source
 from kdcore.errors import DataError
 from kdcore.learning.models import build_model, count_parameters, load_weights
 from kdcore.learning.strategies import plain_name
@@ -71,7 +72,9 @@ DEFAULT_SERVING_BATCH = 32
 DEFAULT_MEASUREMENTS = 5
 DEFAULT_REPEATS = 100  # timed calls per model at batch 1, in each measurement
 DEFAULT_WARMUP = 20
-DEFAULT_THROUGHPUT_REPEATS = 20  # timed calls per model at the serving batch, in each
+DEFAULT_THROUGHPUT_REPEATS = 20  # timed calls per model at the serving batch, in each one
+DEFAULT_BUDGET_S = 3.0  # seconds of timed calls per phase and measurement, about (see below)
+MIN_CALLS = 3  # however slow the model, each figure is a median of at least this many calls
 PER_MILLION = 1_000_000
 NEGLIGIBLE_MONTHLY = 1.0  # dollars: below this the teacher's bill is not worth saving on
 
@@ -304,9 +307,12 @@ def measure_models(models: Mapping[str, torch.nn.Module], x: np.ndarray, *,
                    warmup: int = DEFAULT_WARMUP,
                    throughput_repeats: int = DEFAULT_THROUGHPUT_REPEATS,
                    serving_batch: int = DEFAULT_SERVING_BATCH,
-                   measurements: int = 1, onnx: bool = False) -> dict:
+                   measurements: int = 1, onnx: bool = False,
+                   budget_s: float | None = DEFAULT_BUDGET_S) -> dict:
     """Size and speed of each model, measured together in this process, ``measurements``
-    times over (see the module's docstring).
+    times over (see the module's docstring). With ``budget_s``, a model slow enough that
+    ``repeats`` calls would take longer gets fewer calls (at least :data:`MIN_CALLS`), so a
+    real vision model is measured in about a minute, not ten; the calls used are reported.
 
     Returns ``{name: {params, size_bytes, latency_ms_p50, latency_ms_p95, latency_ms_mean,
     latency_samples_ms, throughput_per_s, batch_ms_p50, batch_ms_p95, per_measurement}, ...,
@@ -324,19 +330,30 @@ def measure_models(models: Mapping[str, torch.nn.Module], x: np.ndarray, *,
     sessions = _onnx_calls(models, one.numpy(), threads) if onnx else {}
     single: dict[str, list[np.ndarray]] = {}
     batched: dict[str, list[np.ndarray]] = {}
+
+    def calls_at(inputs: torch.Tensor) -> dict:
+        fns = {("torch", n): (lambda m=m, v=inputs: m(v)) for n, m in models.items()}
+        arr = inputs.numpy()
+        for n, (session, _) in sessions.items():
+            feed = {session.get_inputs()[0].name: arr}
+            fns[("onnx", n)] = lambda s=session, f=feed: s.run(None, f)
+        return fns
+
     with torch_threads(threads) as used, torch.inference_mode():
+        phases = []
+        for inputs, runs, calls, warm in ((one, single, repeats, warmup),
+                                          (many, batched, throughput_repeats,
+                                           max(2, warmup // 10))):
+            fns = calls_at(inputs)
+            calls, warm = _within_budget(fns, calls, warm, budget_s)
+            phases.append((fns, runs, calls, warm))
         for _ in range(measurements):
-            for inputs, runs, calls, warm in ((one, single, repeats, warmup),
-                                              (many, batched, throughput_repeats,
-                                               max(2, warmup // 10))):
-                fns = {("torch", n): (lambda m=m, v=inputs: m(v)) for n, m in models.items()}
-                arr = inputs.numpy()
-                for n, (session, _) in sessions.items():
-                    feed = {session.get_inputs()[0].name: arr}
-                    fns[("onnx", n)] = lambda s=session, f=feed: s.run(None, f)
+            for fns, runs, calls, warm in phases:
                 timed = time_alternately(fns, repeats=calls, warmup=warm)
                 for key, seconds in timed.items():
                     runs.setdefault(key, []).append(seconds)
+    repeats, warmup = phases[0][2], phases[0][3]
+    throughput_repeats = phases[1][2]
     out: dict = {}
     for name, model in models.items():
         out[name] = {"params": count_parameters(model), "size_bytes": serialized_size(model),
@@ -363,6 +380,22 @@ def measure_models(models: Mapping[str, torch.nn.Module], x: np.ndarray, *,
         "machine": f"{platform.machine()} {platform.processor() or platform.system()}".strip(),
     }
     return out
+
+
+def _within_budget(fns: Mapping, calls: int, warmup: int, budget_s: float | None
+                   ) -> tuple[int, int]:
+    """The timed calls and warm-up calls per measurement that fit ``budget_s`` seconds, from one
+    untimed round (which also warms up); unchanged without a budget or when they fit."""
+    if budget_s is None:
+        return calls, warmup
+    start = time.perf_counter()
+    for fn in fns.values():
+        fn()
+    round_s = max(time.perf_counter() - start, 1e-9)
+    if round_s * (calls + warmup) <= budget_s:
+        return calls, warmup
+    fitted = max(MIN_CALLS, min(calls, int(budget_s / round_s)))
+    return fitted, min(warmup, max(1, fitted // 5))
 
 
 def _ort_version() -> str:
@@ -402,6 +435,19 @@ def run_dataset(run: Run) -> Bundle:
     """The bundle or table a (bundle or tabular) run was trained on, with its data options."""
     return load_dataset(run.config.get("bundle") or run.bundle,
                         **run.config.get("data_options", {}))
+
+
+def best_image_run(store: RunStore, folder: str | Path) -> str:
+    """The run ROI prices on an image folder: as on a bundle, the headline comparison's best
+    student (``selection.best_student``), the seed closest to its mean."""
+    done = store.list(status="done")
+    groups = selection.comparable_groups(selection.on_bundle(done, folder))
+    key = selection.headline(groups, folder)
+    if key is None:
+        raise DataError(f"no finished student on {folder} in {store.workspace}; train one with "
+                        "`kdcore compare IMAGES --student ARCH ...`, or pass --run ID")
+    group = selection.by_strategy(groups[key])[selection.best_student(groups[key])]
+    return selection.closest_to_mean(group).id
 
 
 def pick_student(store: RunStore, bundle: Bundle | None = None,
@@ -485,7 +531,10 @@ def roi(store: RunStore, bundle: str | Path | Bundle | None = None, run_id: str 
     """The ``kdcore roi --json`` document for a teacher and a student, measured now in torch
     and in ONNX Runtime."""
     if bundle is not None and not isinstance(bundle, Bundle):
-        bundle = load_bundle(bundle)
+        if is_image_source(bundle):  # a folder of images: its runs say how to load the models
+            run_id, bundle = run_id or best_image_run(store, bundle), None
+        else:
+            bundle = load_bundle(bundle)
     run, group, bundle = pick_student(store, bundle, run_id)
     teacher, student, inputs = models_for(run, store)
     if teacher is None:
@@ -518,8 +567,9 @@ def roi(store: RunStore, bundle: str | Path | Bundle | None = None, run_id: str 
                     "train_seconds": [train_seconds(r) for r in group]},
         "onnx": measured["onnx"],
         "measurement": measured["measurement"],
-        "measurements": {"count": measurements, "calls_each": repeats,
-                         "serving_calls_each": throughput_repeats,
+        "measurements": {"count": measurements,  # the calls used (a slow model gets fewer)
+                         "calls_each": measured["measurement"]["latency_calls"],
+                         "serving_calls_each": measured["measurement"]["throughput_calls"],
                          "serving_batch": serving_batch},
     }
     return with_assumptions(doc, assumptions)
