@@ -272,9 +272,19 @@ def estimate(config, steps: int) -> None:
           f"(load average {os.getloadavg()[0]:.1f}):")
     for clock, (step, per_image) in step_seconds(config, steps).items():
         epoch = batches * step + CIFAR100_TEST * per_image
-        print(f"  {clock:<10}: {batches} batches x {step:.2f} s + {CIFAR100_TEST:,} test "
-              f"images x {per_image * 1e3:.1f} ms = {epoch / 60:.0f} min an epoch, "
-              f"{epochs * epoch / 86400:.1f} days for {epochs}")
+        whole = epochs * epoch
+        print(f"  {clock:<10}: {batches} batches x {step:.3g} s + {CIFAR100_TEST:,} test "
+              f"images x {per_image * 1e3:.3g} ms = {_span(epoch)} an epoch, "
+              f"{_span(whole)} for {epochs}")
+
+
+def _span(seconds: float) -> str:
+    """A duration a reader takes in at a glance, from seconds to days (a GPU's epoch is
+    seconds, a CPU's an hour)."""
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.1f} s"
 
 
 def main() -> None:
