@@ -1,7 +1,7 @@
 """Can a model's confidence be trusted? ECE, NLL and Brier score, and a reliability table.
 
 Pure numpy, on probabilities (rows summing to 1) and integer labels: what ``compare`` reports
-for the teacher and every student (issue 16). Bins are equal-width on the top-class confidence,
+for the teacher and every student. Bins are equal-width on the top-class confidence,
 bin i being ``[i/bins, (i+1)/bins)`` with the last one closed, the same rule as
 :func:`kdcore.analysis.bias.reliability`, so the two diagrams agree.
 """

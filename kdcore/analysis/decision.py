@@ -1,4 +1,4 @@
-"""The honest decision (issue 16): distil or not, which strategy, and against the teacher.
+"""The honest decision: distil or not, which strategy, and against the teacher.
 
 Pure numpy/scipy on per-seed test accuracies. Three questions, in this order:
 
