@@ -99,3 +99,14 @@ def stop_background_tasks(tmp_path_factory):
             "kdcore.store.tasks" in cmd or "label-check" in cmd
             for _, cmd in _processes_under(base)):
         time.sleep(0.1)
+
+
+@pytest.fixture
+def batch():
+    """Seeded float64 student logits, teacher logits and labels (64 rows, 10 classes): the
+    loss tests' shared inputs."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(64, 10, generator=g, dtype=torch.float64) * 3
+    t = torch.randn(64, 10, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, 10, (64,), generator=g)
+    return s, t, y

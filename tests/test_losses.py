@@ -47,15 +47,6 @@ def mdistiller_dkd(s, t, y, alpha, beta, T):
     return alpha * tckd + beta * nckd
 
 
-@pytest.fixture
-def batch():
-    g = torch.Generator().manual_seed(0)
-    s = torch.randn(64, 10, generator=g, dtype=torch.float64) * 3
-    t = torch.randn(64, 10, generator=g, dtype=torch.float64) * 3
-    y = torch.randint(0, 10, (64,), generator=g)
-    return s, t, y
-
-
 @pytest.mark.parametrize("T", [1.0, 4.0])
 def test_kd_loss_equals_mdistiller_kd(batch, T):
     s, t, _ = batch

@@ -82,15 +82,6 @@ def authors_rld(s, t, target, alpha, beta, T, alpha_T):
 
 
 @pytest.fixture
-def batch():
-    g = torch.Generator().manual_seed(0)
-    s = torch.randn(64, 10, generator=g, dtype=torch.float64) * 3
-    t = torch.randn(64, 10, generator=g, dtype=torch.float64) * 3
-    y = torch.randint(0, 10, (64,), generator=g)
-    return s, t, y
-
-
-@pytest.fixture
 def right_batch(batch):
     """The same logits, every row labelled with the teacher's argmax: no row is wrong."""
     s, t, _ = batch
